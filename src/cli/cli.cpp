@@ -1,0 +1,87 @@
+// The qlora command line: global options, the subcommand table, and the one place where errors
+// become exit statuses (user error: one line, status 2; internal error: status 1).
+#include <c10/util/Exception.h>
+
+#include <iostream>
+#include <utility>
+#include <vector>
+
+#include "cli/commands.h"
+#include "qlora/error.h"
+#include "qlora/log.h"
+#include "qlora/version.h"
+
+namespace qlora::cli {
+
+CommandFn add_pending_command(CLI::App& app, const std::string& name, const std::string& description,
+                              const std::string& usage_hint) {
+  auto* sub = app.add_subcommand(name, description + " [not implemented yet]");
+  auto args = std::make_shared<std::vector<std::string>>();
+  sub->add_option("args", *args, usage_hint);
+  sub->allow_extras();
+  return [name, args] {  // args: keeps the bound storage alive
+    throw UserError("qlora " + name + ": not implemented yet in this build (its issue has not landed)");
+    return kExitUserError;
+  };
+}
+
+int run(int argc, char** argv) {
+  CLI::App app{"qlora.cpp: QLoRA fine-tuning of Llama-family models, one native binary", "qlora"};
+  app.require_subcommand(0, 1);
+  std::string log_level = "info";
+  bool show_version = false;
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error, critical or off")->capture_default_str();
+  app.add_flag("--version", show_version, "print version, git commit, libtorch version and CUDA devices");
+
+  // Each add_*_command appends one subcommand; remember which function runs it.
+  std::vector<std::pair<CLI::App*, CommandFn>> commands;
+  auto add = [&](CommandFn fn) {
+    std::vector<CLI::App*> subs = app.get_subcommands([](CLI::App*) { return true; });
+    commands.emplace_back(subs.back(), std::move(fn));
+  };
+  add(add_pending_command(app, "train", "train a LoRA adapter: qlora train CONFIG [key=value ...]", "CONFIG [key=value ...]"));
+  add(add_pending_command(app, "eval", "evaluate loss/perplexity on a config's validation data", "CONFIG [key=value ...]"));
+  add(add_pending_command(app, "generate", "generate text from a base model plus an adapter", "MODEL_DIR [ADAPTER_DIR] PROMPT"));
+  add(add_pending_command(app, "merge", "merge a LoRA adapter into the base weights", "MODEL_DIR ADAPTER_DIR OUT_DIR"));
+  add(add_pending_command(app, "export", "export a model: --format gguf|safetensors|torchscript", "MODEL_DIR OUT"));
+  add(add_pending_command(app, "quantize", "turn a 16-bit HF checkpoint into a bnb-4bit (NF4) one", "IN_DIR OUT_DIR"));
+  add(add_pending_command(app, "inspect", "describe a checkpoint, adapter or GGUF file", "PATH"));
+  add(add_validate_command(app));
+  add(add_pending_command(app, "bench", "benchmark a kernel against plain libtorch", "OP"));
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "qlora: error: " << e.what() << " (see qlora --help)\n";
+    return kExitUserError;
+  }
+
+  try {
+    init_logging(log_level);
+    if (show_version) {
+      std::cout << "qlora " << version() << " (git " << git_commit() << ")\n"
+                << "libtorch " << torch_version() << "\n"
+                << "CUDA: " << describe_cuda() << "\n";
+      return kExitOk;
+    }
+    for (auto& [sub, fn] : commands)
+      if (sub->parsed()) return fn();
+    std::cout << app.help();
+    return kExitUserError;  // no subcommand given
+  } catch (const UserError& e) {
+    log_error(e.what());
+    return kExitUserError;
+  } catch (const c10::Error& e) {
+    log_error(cat("internal error: ", e.what_without_backtrace()));
+    return kExitInternal;
+  } catch (const std::exception& e) {
+    log_error(cat("internal error: ", e.what()));
+    return kExitInternal;
+  }
+}
+
+}  // namespace qlora::cli

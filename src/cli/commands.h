@@ -1,0 +1,23 @@
+// The qlora subcommands. Each add_*_command adds its CLI11 subcommand (options bound to its own
+// state) and returns the function that runs it once the command line was parsed.
+#pragma once
+#include <CLI/CLI.hpp>
+
+#include <functional>
+#include <string>
+
+namespace qlora::cli {
+
+using CommandFn = std::function<int()>;
+
+CommandFn add_validate_command(CLI::App& app);
+
+// A subcommand whose implementation has not landed: it has --help and says plainly that it is
+// not implemented yet (exit status 2).
+CommandFn add_pending_command(CLI::App& app, const std::string& name, const std::string& description,
+                              const std::string& usage_hint);
+
+// Parses argv, runs the chosen subcommand, maps errors to exit statuses (error.h).
+int run(int argc, char** argv);
+
+}  // namespace qlora::cli
