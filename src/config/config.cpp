@@ -267,9 +267,9 @@ TrainConfig parse_config(const std::string& yaml_text, const std::string& source
     const YAML::Node value = root[key.name];
     if (value) key.read(config, ctx, key.name, value);
   }
+  validate_across_keys(config, root, ctx);
   if (config.lora_target_linear) config.lora_target_modules = all_lora_target_modules();
   if (config.adapter == AdapterType::lora) config.load_in_4bit = false;
-  validate_across_keys(config, root, ctx);
   return config;
 }
 

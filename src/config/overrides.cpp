@@ -75,7 +75,7 @@ void apply_overrides(YAML::Node& root, const std::vector<std::string>& overrides
       const bool last = i + 1 == tokens.size();
       YAML::Node next;
       if (t.index >= 0) {
-        norm += "[" + std::to_string(t.index) + "]";
+        norm.append("[").append(std::to_string(t.index)).append("]");  // (operator+ trips GCC 12's -Wrestrict)
         if (!cur.IsSequence())
           throw UserError("override '" + text + "': '" + norm + "' indexes something that is not a list");
         const long size = static_cast<long>(cur.size());

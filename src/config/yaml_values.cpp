@@ -2,6 +2,7 @@
 #include "config/yaml_values.h"
 
 #include <cmath>
+#include <sstream>
 #include <set>
 
 #include "qlora/config.h"
@@ -10,12 +11,14 @@
 namespace qlora::config_detail {
 
 std::string ParseContext::where(const std::string& path, const YAML::Node& node) const {
-  // A value set by an override (or inside a subtree an override replaced) names the override.
-  for (const auto& [opath, text] : override_text) {
-    if (path == opath || (path.size() > opath.size() && path.compare(0, opath.size(), opath) == 0 &&
-                          (path[opath.size()] == '.' || path[opath.size()] == '[')))
-      return "override '" + text + "'";
-  }
+  // A value set by an override, inside a subtree an override set, or a subtree an override
+  // created on its way names the override.
+  auto within = [](const std::string& inner, const std::string& outer) {
+    return inner == outer || (inner.size() > outer.size() && inner.compare(0, outer.size(), outer) == 0 &&
+                              (inner[outer.size()] == '.' || inner[outer.size()] == '['));
+  };
+  for (const auto& [opath, text] : override_text)
+    if (within(path, opath) || within(opath, path)) return "override '" + text + "'";
   const YAML::Mark mark = node.IsDefined() ? node.Mark() : YAML::Mark::null_mark();
   if (mark.is_null()) return source;
   return source + ":" + std::to_string(mark.line + 1) + ":" + std::to_string(mark.column + 1);

@@ -1,0 +1,137 @@
+// The qlora binary as a user runs it: exit statuses, one-line errors, --version, validate.
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+using Catch::Matchers::ContainsSubstring;
+
+namespace {
+
+struct Run {
+  int status = -1;
+  std::string output;  // stdout and stderr together
+};
+
+Run run_qlora(const std::string& args) {
+  const std::string cmd = std::string(QLORA_BINARY) + " " + args + " 2>&1";
+  Run r;
+  FILE* p = popen(cmd.c_str(), "r");
+  REQUIRE(p != nullptr);
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
+  int st = pclose(p);
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  return r;
+}
+
+std::string temp_file(const std::string& name, const std::string& text) {
+  auto path = std::filesystem::temp_directory_path() / ("qlora_cli_test_" + std::to_string(::getpid()) + "_" + name);
+  std::ofstream(path) << text;
+  return path.string();
+}
+
+size_t count_lines(const std::string& s) {
+  size_t n = 0;
+  for (char c : s) n += c == '\n';
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("qlora --version names the build, libtorch and CUDA", "[cli]") {
+  Run r = run_qlora("--version");
+  CHECK(r.status == 0);
+  CHECK_THAT(r.output, ContainsSubstring("qlora 0.1.0 (git "));
+  CHECK_THAT(r.output, ContainsSubstring("libtorch 2.11."));
+  CHECK_THAT(r.output, ContainsSubstring("CUDA: "));
+}
+
+TEST_CASE("help for the binary and every subcommand", "[cli]") {
+  Run r = run_qlora("--help");
+  CHECK(r.status == 0);
+  for (const char* sub : {"train", "eval", "generate", "merge", "export", "quantize", "inspect", "validate", "bench"}) {
+    CHECK_THAT(r.output, ContainsSubstring(sub));
+    Run h = run_qlora(std::string(sub) + " --help");
+    CAPTURE(sub);
+    CHECK(h.status == 0);
+    CHECK_THAT(h.output, ContainsSubstring("Usage: qlora " + std::string(sub)));
+  }
+}
+
+TEST_CASE("validate prints the resolved config with overrides applied", "[cli]") {
+  Run r = run_qlora(std::string("validate ") + QLORA_SOURCE_DIR + "/configs/quickstart.yaml lora_r=32");
+  CHECK(r.status == 0);
+  CHECK_THAT(r.output, ContainsSubstring("\nlora_r: 32\n"));
+  CHECK_THAT(r.output, ContainsSubstring("\nlearning_rate: 0.001\n"));
+  CHECK_THAT(r.output, ContainsSubstring("lora_target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]"));
+}
+
+TEST_CASE("validate --list-keys documents every key", "[cli]") {
+  Run r = run_qlora("validate --list-keys");
+  CHECK(r.status == 0);
+  CHECK_THAT(r.output, ContainsSubstring("lora_r  (integer in [1, 4096], default 16)"));
+}
+
+TEST_CASE("user errors are one line and exit status 2", "[cli]") {
+  SECTION("config typo: names the key, the suggestion and the line") {
+    const std::string cfg = temp_file("typo.yaml", "base_model: m\ndatasets: [{path: d.jsonl}]\nlora_rr: 8\n");
+    Run r = run_qlora("validate " + cfg);
+    std::filesystem::remove(cfg);
+    CHECK(r.status == 2);
+    CHECK_THAT(r.output, ContainsSubstring("typo.yaml:3:1: lora_rr: unknown key (did you mean 'lora_r'?)"));
+    CHECK(count_lines(r.output) == 1);
+  }
+  SECTION("missing config file") {
+    Run r = run_qlora("validate /nonexistent/x.yaml");
+    CHECK(r.status == 2);
+    CHECK_THAT(r.output, ContainsSubstring("config file '/nonexistent/x.yaml': cannot open"));
+    CHECK(count_lines(r.output) == 1);
+  }
+  SECTION("bad override") {
+    Run r = run_qlora(std::string("validate ") + QLORA_SOURCE_DIR + "/configs/quickstart.yaml lora_r=abc");
+    CHECK(r.status == 2);
+    CHECK_THAT(r.output, ContainsSubstring("override 'lora_r=abc': lora_r: expected an integer, found 'abc'"));
+  }
+  SECTION("unknown option or subcommand") {
+    Run r = run_qlora("--no-such-flag");
+    CHECK(r.status == 2);
+    CHECK(count_lines(r.output) == 1);
+    CHECK(run_qlora("frobnicate").status == 2);
+  }
+  SECTION("bad log level") {
+    Run r = run_qlora("--log-level loud validate --list-keys");
+    CHECK(r.status == 2);
+    CHECK_THAT(r.output, ContainsSubstring("--log-level 'loud': expected one of trace"));
+  }
+  SECTION("validate without a config") {
+    CHECK(run_qlora("validate").status == 2);
+  }
+}
+
+TEST_CASE("subcommands that have not landed say so and exit 2", "[cli]") {
+  for (const char* sub : {"train configs/quickstart.yaml", "eval x", "generate x", "merge a b c", "export a b", "inspect x"}) {
+    Run r = run_qlora(sub);
+    CAPTURE(sub);
+    CHECK(r.status == 2);
+    CHECK_THAT(r.output, ContainsSubstring("not implemented yet"));
+  }
+}
+
+TEST_CASE("log lines carry the rank", "[cli]") {
+  Run r = run_qlora("train x");
+  CHECK_THAT(r.output, ContainsSubstring("[r0] error: "));
+  const std::string cmd = "RANK=3 " + std::string(QLORA_BINARY) + " train x 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  REQUIRE(p != nullptr);
+  char buf[512] = {0};
+  size_t n = fread(buf, 1, sizeof buf - 1, p);
+  pclose(p);
+  CHECK_THAT(std::string(buf, n), ContainsSubstring("[r3] error: "));
+}
