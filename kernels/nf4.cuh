@@ -25,6 +25,11 @@ struct NF4DequantizeArgs {
   int nested_blocksize = 256;
   void* out = nullptr;                   // [numel] of out_type
   FloatType out_type = FloatType::bf16;
+  // Thread layout of the dequant kernel (same arithmetic, same output; see kernels/nf4.cu):
+  // 0 = 4-byte loads, fully coalesced 16-byte stores (the default, used by the runtime);
+  // 1 = 16-byte loads, 64-byte-strided stores; 2 = layout 0 with 64 elements per thread.
+  // Only `qlora bench nf4` and the tests set it, to time and check the layouts on a device.
+  int variant = 0;
 };
 
 // One pass: reads packed bytes and absmax codes, writes out; no temporary buffers.

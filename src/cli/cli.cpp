@@ -44,10 +44,10 @@ int run(int argc, char** argv) {
   add(add_pending_command(app, "generate", "generate text from a base model plus an adapter", "MODEL_DIR [ADAPTER_DIR] PROMPT"));
   add(add_pending_command(app, "merge", "merge a LoRA adapter into the base weights", "MODEL_DIR ADAPTER_DIR OUT_DIR"));
   add(add_pending_command(app, "export", "export a model: --format gguf|safetensors|torchscript", "MODEL_DIR OUT"));
-  add(add_pending_command(app, "quantize", "turn a 16-bit HF checkpoint into a bnb-4bit (NF4) one", "IN_DIR OUT_DIR"));
+  add(add_quantize_command(app));
   add(add_pending_command(app, "inspect", "describe a checkpoint, adapter or GGUF file", "PATH"));
   add(add_validate_command(app));
-  add(add_pending_command(app, "bench", "benchmark a kernel against plain libtorch", "OP"));
+  add(add_bench_command(app));
 
   try {
     app.parse(argc, argv);

@@ -11,6 +11,8 @@ namespace qlora::cli {
 using CommandFn = std::function<int()>;
 
 CommandFn add_validate_command(CLI::App& app);
+CommandFn add_bench_command(CLI::App& app);
+CommandFn add_quantize_command(CLI::App& app);
 
 // A subcommand whose implementation has not landed: it has --help and says plainly that it is
 // not implemented yet (exit status 2).

@@ -4,5 +4,12 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(qlora, m) {
-  // NF4 (bitsandbytes layout): see include/qlora/nf4.h.
+  // NF4 (bitsandbytes layout): see include/qlora/nf4.h. When not nested, absmax is fp32 and
+  // absmax2, code2 and offset are empty; when nested, absmax is uint8 and offset a 0-dim fp32.
+  m.def("nf4_quantize(Tensor weight, int blocksize=64, bool nested=True) -> "
+        "(Tensor packed, Tensor absmax, Tensor absmax2, Tensor code2, Tensor offset)");
+  m.def("nf4_dequantize(Tensor packed, Tensor absmax, Tensor absmax2, Tensor code2, Tensor offset, "
+        "int blocksize, SymInt[] shape, ScalarType dtype) -> Tensor");
+  m.def("nf4_dequantize.out(Tensor packed, Tensor absmax, Tensor absmax2, Tensor code2, Tensor offset, "
+        "int blocksize, SymInt[] shape, ScalarType dtype, *, Tensor(a!) out) -> ()");
 }

@@ -1,0 +1,272 @@
+// qlora bench OP: time a kernel next to the plain-libtorch way of doing the same thing, in the
+// same process, on the current CUDA device. Ops: nf4 (the single-pass NF4 dequant).
+//
+// Method (why): every figure is a median over --iters samples; each sample is one pass over
+// several input/output sets in rotation (enough sets that their bytes are >= 4x the L2 cache, so
+// the 50 MB L2 of an H100 cannot serve a kernel its inputs from the previous launch), timed with
+// CUDA events on the current stream and divided by the number of launches. The reference
+// bandwidth is a device-to-device copy measured in the same run (2 GiB -> 2 GiB, counting bytes
+// read + written), so percentages compare like with like on the day.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+
+#include "cli/commands.h"
+#include "qlora/error.h"
+#include "qlora/nf4.h"
+
+#ifdef QLORA_WITH_CUDA
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include "../../kernels/nf4.cuh"  // the launcher, for the bench-only thread layouts (variants 1, 2)
+#endif
+
+namespace qlora::cli {
+namespace {
+
+struct BenchOptions {
+  std::string op;
+  std::string dtype = "all";
+  int iters = 50;
+  std::string json_path;
+};
+
+#ifdef QLORA_WITH_CUDA
+
+struct Shape {
+  int64_t rows, cols;
+};
+constexpr int kLayouts = 3;  // NF4DequantizeArgs::variant 0, 1, 2
+const std::vector<Shape> kNF4Shapes = {{4096, 4096}, {1024, 4096}, {14336, 4096}, {4096, 14336}, {28672, 8192}};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// Median milliseconds per launch of fn(set), sets in rotation; 3 warm-up passes first.
+template <typename F>
+double time_ms(F&& fn, int nsets, int iters) {
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
+  for (int w = 0; w < 3; ++w)
+    for (int s = 0; s < nsets; ++s) fn(s);
+  c10::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
+  std::vector<double> samples;
+  samples.reserve(iters);
+  for (int it = 0; it < iters; ++it) {
+    start.record(stream);
+    for (int s = 0; s < nsets; ++s) fn(s);
+    stop.record(stream);
+    stop.synchronize();
+    samples.push_back(static_cast<double>(start.elapsed_time(stop)) / nsets);
+  }
+  return median(std::move(samples));
+}
+
+// Device-to-device copy bandwidth in GB/s (1e9 bytes), bytes read + written.
+double measure_copy_gbps(int iters) {
+  const int64_t n = int64_t{1} << 30;  // bf16 elements: 2 GiB
+  const auto opt = at::TensorOptions(at::kBFloat16).device(at::kCUDA);
+  at::Tensor src = at::empty({n}, opt).fill_(1.0), dst = at::empty({n}, opt);
+  const double ms = time_ms([&](int) { dst.copy_(src); }, 1, std::max(5, iters / 5));
+  return 2.0 * static_cast<double>(n) * 2.0 / (ms * 1e-3) / 1e9;
+}
+
+// The same dequant in plain libtorch ops: nibbles -> int64 indices -> LUT gather (fp32), the
+// nested absmax rebuilt by a code2 gather times the repeated absmax2 plus offset (each an fp32
+// op, rounded once, as in our kernel and bnb), then one fp32 multiply and a cast. Needs numel to
+// be a multiple of blocksize and nblocks of 256 (true for the bench shapes).
+at::Tensor torch_dequant(const NF4Tensor& t, const at::Tensor& lut, at::ScalarType dt) {
+  const int64_t n = t.numel(), nb = t.nblocks();
+  const at::Tensor p = t.packed.view({-1});
+  const at::Tensor idx = at::stack({p.bitwise_right_shift(4), p.bitwise_and(15)}, 1).view({-1}).narrow(0, 0, n);
+  at::Tensor am = t.code2.index_select(0, t.absmax.to(at::kLong)) *
+                  t.absmax2.repeat_interleave(t.nested_blocksize).narrow(0, 0, nb);
+  am = am + static_cast<float>(t.offset);
+  const at::Tensor v = lut.index_select(0, idx.to(at::kLong)).view({nb, t.blocksize}) * am.unsqueeze(1);
+  return v.view(t.shape).to(dt);
+}
+
+qlora::kernels::NF4DequantizeArgs launcher_args(const NF4Tensor& t, at::Tensor& out, int variant) {
+  qlora::kernels::NF4DequantizeArgs a;
+  a.packed = t.packed.data_ptr<uint8_t>();
+  a.numel = t.numel();
+  a.blocksize = static_cast<int>(t.blocksize);
+  a.nested = true;
+  a.absmax_code = t.absmax.data_ptr<uint8_t>();
+  a.code2 = t.code2.data_ptr<float>();
+  a.absmax2 = t.absmax2.data_ptr<float>();
+  a.offset = static_cast<float>(t.offset);
+  a.nested_blocksize = static_cast<int>(t.nested_blocksize);
+  a.out = out.data_ptr();
+  a.out_type = out.scalar_type() == at::kHalf ? qlora::kernels::FloatType::f16 : qlora::kernels::FloatType::bf16;
+  a.variant = variant;
+  return a;
+}
+
+bool same_bits(const at::Tensor& a, const at::Tensor& b) {
+  return at::equal(a.view(at::kShort), b.view(at::kShort));
+}
+
+std::string shape_str(const Shape& s) { return std::to_string(s.rows) + "x" + std::to_string(s.cols); }
+
+int bench_nf4(const BenchOptions& o) {
+  if (!at::hasCUDA() || at::getNumGPUs() == 0)
+    throw UserError("qlora bench nf4: needs a CUDA device (none is visible)");
+  std::vector<at::ScalarType> dtypes;
+  if (o.dtype == "bf16" || o.dtype == "all") dtypes.push_back(at::kBFloat16);
+  if (o.dtype == "fp16" || o.dtype == "all") dtypes.push_back(at::kHalf);
+  if (o.iters < 1) throw UserError("qlora bench nf4: --iters must be >= 1, found " + std::to_string(o.iters));
+
+  int dev = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceProp prop{};
+  cudaGetDeviceProperties(&prop, dev);
+  const double l2_bytes = prop.l2CacheSize > 0 ? prop.l2CacheSize : 50e6;
+
+  const double copy_gbps = measure_copy_gbps(o.iters);
+  std::printf("qlora bench nf4 on %s (sm_%d%d, %d SMs, L2 %.0f MB), iters %d\n", prop.name, prop.major, prop.minor,
+              prop.multiProcessorCount, l2_bytes / 1e6, o.iters);
+  std::printf("device-to-device copy (2 GiB -> 2 GiB, read + written): %.0f GB/s\n", copy_gbps);
+  std::printf("nested NF4, blocksize 64; GB/s count packed + absmax codes + absmax2 + output bytes\n");
+  std::printf("ours = the kernel (layout 0) via its launcher; v1, v2 = the other thread layouts; api = "
+              "nf4_dequantize_out (checks + launch); torch = plain libtorch ops; bits equal: torch, v1+v2 and api "
+              "outputs vs ours\n\n");
+  std::printf("%-12s %-5s %5s | %9s %8s %6s | %8s %8s | %9s | %9s %8s %8s | %s\n", "shape", "out", "sets", "ours ms",
+              "GB/s", "%copy", "v1 GB/s", "v2 GB/s", "api ms", "torch ms", "GB/s", "speedup", "bits equal");
+
+  nlohmann::json results = nlohmann::json::array();
+  const auto opt_cuda = at::TensorOptions().device(at::kCUDA);
+  at::Tensor lut = at::empty({16}, at::kFloat);
+  std::copy(nf4_codebook().begin(), nf4_codebook().end(), lut.data_ptr<float>());
+  lut = lut.to(at::kCUDA);
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
+
+  for (const Shape& s : kNF4Shapes) {
+    // One quantized weight, cloned into every set (the contents do not matter to the timing).
+    const at::Tensor w = at::randn({s.rows, s.cols}, opt_cuda.dtype(at::kBFloat16)) * 0.02;
+    const NF4Tensor q0 = nf4_quantize(w, 64, /*nested=*/true);
+    const int64_t n = q0.numel();
+    for (at::ScalarType dt : dtypes) {
+      const double in_bytes = static_cast<double>(q0.packed.numel() + q0.absmax.numel() + 4 * q0.absmax2.numel());
+      const double bytes = in_bytes + static_cast<double>(n) * 2.0;
+      const int nsets = static_cast<int>(std::clamp(std::ceil(4.0 * l2_bytes / bytes), 2.0, 32.0));
+      std::vector<NF4Tensor> sets(nsets, q0);
+      std::vector<at::Tensor> outs(nsets);
+      for (int i = 0; i < nsets; ++i) {
+        sets[i].packed = q0.packed.clone();
+        sets[i].absmax = q0.absmax.clone();
+        sets[i].absmax2 = q0.absmax2.clone();
+        outs[i] = at::empty({n}, opt_cuda.dtype(dt));
+      }
+      // The kernel alone (launcher, no host-side checks) in each thread layout (kernels/nf4.cu;
+      // 0 is the runtime's); then the C++ API the trainer calls (nf4_dequantize_out: validation
+      // + launch), whose host cost shows on the small shapes, where one launch moves ~10 MB.
+      auto launch = [&](const qlora::kernels::NF4DequantizeArgs& a) {
+        const cudaError_t err = qlora::kernels::nf4_dequantize(a, stream.stream());
+        TORCH_CHECK(err == cudaSuccess, "nf4_dequantize (variant ", a.variant, "): ", cudaGetErrorString(err));
+      };
+      double layout_ms[kLayouts];
+      bool layout_equal[kLayouts];
+      at::Tensor ours_out;
+      for (int v = 0; v < kLayouts; ++v) {
+        std::vector<qlora::kernels::NF4DequantizeArgs> args;
+        for (int i = 0; i < nsets; ++i) args.push_back(launcher_args(sets[i], outs[i], v));
+        layout_ms[v] = time_ms([&](int i) { launch(args[i]); }, nsets, o.iters);
+        if (v == 0) ours_out = outs[0].clone();
+        layout_equal[v] = same_bits(outs[0], ours_out);
+      }
+      const double ours = layout_ms[0], v1 = layout_ms[1], v2 = layout_ms[2];
+      const bool v1_equal = layout_equal[1] && layout_equal[2];
+      const double api = time_ms([&](int i) { nf4_dequantize_out(sets[i], outs[i]); }, nsets, o.iters);
+      const bool api_equal = same_bits(outs[0], ours_out);
+
+      at::Tensor torch_out;
+      const double ref = time_ms([&](int i) { torch_out = torch_dequant(sets[i], lut, dt); }, nsets,
+                                 std::max(3, o.iters / 5));
+      const bool torch_equal = same_bits(torch_dequant(sets[0], lut, dt).view({-1}), ours_out);
+      torch_out = at::Tensor();
+
+      auto gbps = [&](double ms) { return bytes / (ms * 1e-3) / 1e9; };
+      const char* dname = dt == at::kHalf ? "fp16" : "bf16";
+      std::printf("%-12s %-5s %5d | %9.4f %8.0f %5.1f%% | %8.0f %8.0f | %9.4f | %9.4f %8.0f %7.2fx | %s, %s, %s\n",
+                  shape_str(s).c_str(), dname, nsets, ours, gbps(ours), 100.0 * gbps(ours) / copy_gbps, gbps(v1),
+                  gbps(v2), api, ref, gbps(ref), ref / ours, torch_equal ? "yes" : "NO", v1_equal ? "yes" : "NO",
+                  api_equal ? "yes" : "NO");
+      std::fflush(stdout);
+      results.push_back({{"shape", {s.rows, s.cols}},
+                         {"out_dtype", dname},
+                         {"numel", n},
+                         {"bytes_per_element", bytes / static_cast<double>(n)},
+                         {"sets", nsets},
+                         {"ours_ms", ours},
+                         {"ours_gbps", gbps(ours)},
+                         {"ours_pct_copy", 100.0 * gbps(ours) / copy_gbps},
+                         {"variant1_ms", v1},
+                         {"variant1_gbps", gbps(v1)},
+                         {"variant2_ms", v2},
+                         {"variant2_gbps", gbps(v2)},
+                         {"variants_bits_equal", v1_equal},
+                         {"api_ms", api},
+                         {"api_bits_equal", api_equal},
+                         {"torch_ms", ref},
+                         {"torch_gbps", gbps(ref)},
+                         {"speedup_vs_torch", ref / ours},
+                         {"torch_bits_equal", torch_equal}});
+    }
+  }
+
+  if (!o.json_path.empty()) {
+    nlohmann::json j = {{"bench", "nf4"},
+                        {"device", prop.name},
+                        {"sm", prop.major * 10 + prop.minor},
+                        {"sms", prop.multiProcessorCount},
+                        {"l2_bytes", l2_bytes},
+                        {"iters", o.iters},
+                        {"copy_gbps", copy_gbps},
+                        {"blocksize", 64},
+                        {"nested", true},
+                        {"method", "median over iters of (CUDA-event time of one pass over `sets` rotated "
+                                   "input/output sets) / sets; GB/s = bytes / time, 1 GB = 1e9 bytes"},
+                        {"results", results}};
+    std::ofstream f(o.json_path);
+    if (!f) throw UserError("qlora bench nf4: cannot write --json file " + o.json_path);
+    f << j.dump(2) << "\n";
+    std::printf("\nwrote %s\n", o.json_path.c_str());
+  }
+  return kExitOk;
+}
+
+#else
+
+int bench_nf4(const BenchOptions&) {
+  throw UserError("qlora bench nf4: needs a CUDA device (this build has no CUDA part)");
+}
+
+#endif
+
+}  // namespace
+
+CommandFn add_bench_command(CLI::App& app) {
+  auto st = std::make_shared<BenchOptions>();
+  auto* sub = app.add_subcommand("bench", "benchmark a kernel against plain libtorch, in the same process: "
+                                          "qlora bench nf4 [--dtype bf16|fp16|all] [--iters N] [--json FILE]");
+  sub->add_option("op", st->op, "the kernel to measure: nf4 (NF4 dequantize)")
+      ->required()
+      ->check(CLI::IsMember({"nf4"}));
+  sub->add_option("--dtype", st->dtype, "output dtype(s)")->check(CLI::IsMember({"bf16", "fp16", "all"}))->capture_default_str();
+  sub->add_option("--iters", st->iters, "timed samples per measurement (median)")->capture_default_str();
+  sub->add_option("--json", st->json_path, "also write the results to this JSON file");
+  return [st] { return bench_nf4(*st); };
+}
+
+}  // namespace qlora::cli
