@@ -6,8 +6,13 @@ find_package(Python3 COMPONENTS Interpreter)
 if(QLORA_WITH_CUDA)
   find_package(Torch 2.11 REQUIRED)
   add_library(qlora_torch INTERFACE)
-  target_link_libraries(qlora_torch INTERFACE ${TORCH_LIBRARIES})
+  # torch_cuda_library (libtorch_cuda + libtorch_cpu + libc10(_cuda), linked --no-as-needed so
+  # that the CUDA kernels register), not ${TORCH_LIBRARIES}: that adds the shim libtorch.so, which
+  # exports its own copies of std::filesystem functions; linked ahead of libstdc++, those win
+  # symbol lookup and crash (remove_all jumps to address 0: seen with the torch 2.11 cu130 wheel).
+  target_link_libraries(qlora_torch INTERFACE torch_cuda_library)
   target_include_directories(qlora_torch INTERFACE ${TORCH_INCLUDE_DIRS})
+  target_compile_definitions(qlora_torch INTERFACE _GLIBCXX_USE_CXX11_ABI=1)
   set(QLORA_TORCH_MODE "TorchConfig, with CUDA")
 else()
   set(_hints)

@@ -17,22 +17,27 @@
 // to the load width and `out` to 16 bytes; otherwise (e.g. out= into a slice at an odd offset)
 // the same kernel runs its scalar path, same arithmetic, slower.
 //
-// Layout (why): a CTA of 256 threads owns a tile of consecutive elements, split into aligned
-// chunks; a thread owns kChunks chunks strided by the CTA width. Three layouts share one kernel
-// template, picked by NF4DequantizeArgs::variant so that `qlora bench nf4` can time them side by
-// side on the device; variant 0 is what the runtime uses:
-//   0: 4 chunks of 8 elements per thread (tile 8192): a warp's 4-byte loads cover 128 contiguous
-//      bytes and its 16-byte stores 512 contiguous bytes (fully coalesced both ways); one absmax
-//      per 8 elements (an L1-hit byte load, a shared-memory lookup, two fp32 ops).
-//   1: 1 chunk of 32 elements per thread (tile 8192): one 16-byte load and one absmax per 32
-//      elements, but a warp's 16-byte stores land 64 bytes apart (each store instruction
-//      half-fills its sectors; the L2 merges them).
-//   2: 8 chunks of 8 elements per thread (tile 16384): layout 0 with twice the loads in flight per
-//      thread and half as many CTAs (code2 staged half as often).
-// All loads of a thread (packed words, absmax codes, absmax2) are issued before the one
-// __syncthreads that publishes the shared tables, so memory latency overlaps that barrier.
+// Layout (why): a CTA of 256 threads owns a tile of 8192 consecutive elements split into aligned
+// chunks of 8; a thread owns 4 chunks strided by the CTA width, so a warp's 4-byte loads cover 128
+// contiguous bytes and its 16-byte stores 512 contiguous bytes (fully coalesced both ways), with
+// one absmax per 8 elements (an L1-hit byte load, a shared-memory lookup, two fp32 ops). All loads
+// of a tile are issued before its outputs are computed. Variants, picked by
+// NF4DequantizeArgs::variant so that `qlora bench nf4` can time them side by side on the device
+// (an earlier 32-elements-per-thread layout, whose stores landed 64 bytes apart, ran at half the
+// bandwidth and was dropped):
+//   0: one tile per CTA, a grid of ceil(numel / 8192) CTAs; code2 staged into shared memory by
+//      every CTA.
+//   1: persistent: as many CTAs as fit on the device at once, each walking tiles with a stride of
+//      the grid; the tables are staged once per CTA and the next tile's loads are issued before
+//      the current tile is decoded (two tiles in flight per thread), which removes the per-CTA
+//      start-up and the last-wave tail that cost the most on mid-sized weights.
+//   2: as 0, with streaming (evict-first) stores: the output is written once and read by the next
+//      GEMM, so it need not displace the inputs in L2.
+//   3: as 1, with streaming stores.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <algorithm>
 
 #include "nf4.cuh"
 #include "nf4_common.cuh"
@@ -74,11 +79,21 @@ __device__ __forceinline__ __nv_bfloat16 cvt_rn<__nv_bfloat16>(float v) { return
 
 // Eight consecutive outputs with 16-byte stores (one for fp16/bf16, two for fp32). The paired
 // conversions are one cvt.rn.{bf16,f16}x2.f32 instruction on sm_80+ (round to nearest even, the
-// same as the scalar forms); cuda_bf16.h emulates the bf16 one exactly on sm_75.
-__device__ __forceinline__ void store8(float* dst, const float (&v)[8]) {
-  reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
-  reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+// same as the scalar forms); cuda_bf16.h emulates the bf16 one exactly on sm_75. STREAM: st.global.cs
+// (evict-first) instead of a plain store.
+template <bool STREAM>
+__device__ __forceinline__ void store16(void* dst, uint4 u) {
+  if constexpr (STREAM)
+    __stcs(reinterpret_cast<uint4*>(dst), u);
+  else
+    *reinterpret_cast<uint4*>(dst) = u;
 }
+template <bool STREAM>
+__device__ __forceinline__ void store8(float* dst, const float (&v)[8]) {
+  store16<STREAM>(dst, make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3])));
+  store16<STREAM>(dst + 4, make_uint4(__float_as_uint(v[4]), __float_as_uint(v[5]), __float_as_uint(v[6]), __float_as_uint(v[7])));
+}
+template <bool STREAM>
 __device__ __forceinline__ void store8(__half* dst, const float (&v)[8]) {
   union {
     __half2 h[4];
@@ -86,8 +101,9 @@ __device__ __forceinline__ void store8(__half* dst, const float (&v)[8]) {
   } p;
 #pragma unroll
   for (int i = 0; i < 4; ++i) p.h[i] = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
-  *reinterpret_cast<uint4*>(dst) = p.u;
+  store16<STREAM>(dst, p.u);
 }
+template <bool STREAM>
 __device__ __forceinline__ void store8(__nv_bfloat16* dst, const float (&v)[8]) {
   union {
     __nv_bfloat162 h[4];
@@ -95,7 +111,7 @@ __device__ __forceinline__ void store8(__nv_bfloat16* dst, const float (&v)[8]) 
   } p;
 #pragma unroll
   for (int i = 0; i < 4; ++i) p.h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-  *reinterpret_cast<uint4*>(dst) = p.u;
+  store16<STREAM>(dst, p.u);
 }
 
 // Raw per-block inputs, loaded early (before the barrier); turned into the fp32 absmax after it.
@@ -138,55 +154,49 @@ __device__ __forceinline__ void decode8(uint32_t w, float am, const float* s_nf4
   }
 }
 
-// Chunk = CHUNK consecutive elements starting at a multiple of CHUNK (8 or 32); a thread owns
-// kChunks chunks strided by the CTA width. VEC=false: every chunk goes through the scalar path
-// (misaligned pointers). Partial chunks at the end always use the scalar path.
-template <typename T, bool NESTED, int CHUNK, int kChunks, bool VEC>
-__global__ void __launch_bounds__(kThreads) nf4_dequantize_kernel(const DequantParams p) {
-  constexpr int kWords = CHUNK / 8;  // 32-bit words of packed data per chunk
-  __shared__ float s_nf4[16];
-  __shared__ float s_code2[NESTED ? 256 : 1];
+// A tile: kChunks chunks of 8 consecutive elements per thread (chunk k of thread t starts at
+// element (tile * kTileChunks + k * kThreads + t) * 8). Only the raw loads live across the time
+// between load_tile and store_tile.
+constexpr int kChunks = 4;
+constexpr int64_t kTileChunks = int64_t{kThreads} * kChunks;
+constexpr int64_t kTileElems = kTileChunks * 8;
 
-  const int64_t tile0 = int64_t{blockIdx.x} * (kThreads * kChunks);  // first chunk of this CTA
-  // Chunk k of this thread is tile0 + k * kThreads + threadIdx.x; recomputed where needed rather
-  // than kept in registers (the loads below are what must stay live across the barrier).
-  auto first_elem = [&](int k) { return (tile0 + k * kThreads + threadIdx.x) * CHUNK; };
-  uint32_t words[kChunks][kWords];
+struct TileLoads {
+  uint32_t words[kChunks];   // 8 packed elements each
   BlockScaleRaw raw[kChunks];
+};
 
+__device__ __forceinline__ int64_t chunk_first_elem(int64_t tile, int k) {
+  return (tile * kTileChunks + k * kThreads + threadIdx.x) * 8;
+}
+
+template <bool NESTED, bool VEC>
+__device__ __forceinline__ void load_tile(const DequantParams& p, int64_t tile, TileLoads& t) {
 #pragma unroll
   for (int k = 0; k < kChunks; ++k) {
-    const int64_t e0 = first_elem(k);
-    if (VEC && e0 + CHUNK <= p.numel) {
-      if constexpr (kWords == 1) {
-        words[k][0] = __ldg(reinterpret_cast<const uint32_t*>(p.packed) + e0 / 8);
-      } else {
-        const uint4 u = __ldg(reinterpret_cast<const uint4*>(p.packed) + e0 / 32);
-        words[k][0] = u.x, words[k][1] = u.y, words[k][2] = u.z, words[k][3] = u.w;
-      }
-    }
-    if (e0 < p.numel) raw[k] = load_block_scale<NESTED>(p, e0 >> p.log2_bs);
+    const int64_t e0 = chunk_first_elem(tile, k);
+    if (VEC && e0 + 8 <= p.numel) t.words[k] = __ldg(reinterpret_cast<const uint32_t*>(p.packed) + e0 / 8);
+    if (e0 < p.numel) t.raw[k] = load_block_scale<NESTED>(p, e0 >> p.log2_bs);
   }
+}
 
-  if (threadIdx.x < 16) s_nf4[threadIdx.x] = kNF4CodebookDevice[threadIdx.x];
-  if constexpr (NESTED) s_code2[threadIdx.x] = __ldg(p.code2 + threadIdx.x);  // kThreads == 256
-  __syncthreads();
-
+// Full chunks: decode the loaded word, 16-byte stores. Partial chunks (the end of an odd-sized
+// weight) and VEC=false (misaligned pointers): one element at a time, same arithmetic.
+template <typename T, bool NESTED, bool VEC, bool STREAM>
+__device__ __forceinline__ void store_tile(const DequantParams& p, int64_t tile, const TileLoads& t,
+                                           const float* s_nf4, const float* s_code2) {
   T* out = static_cast<T*>(p.out);
 #pragma unroll
   for (int k = 0; k < kChunks; ++k) {
-    const int64_t e0 = first_elem(k);
+    const int64_t e0 = chunk_first_elem(tile, k);
     if (e0 >= p.numel) continue;
-    const float am = block_scale<NESTED>(raw[k], s_code2, p.offset);
-    if (VEC && e0 + CHUNK <= p.numel) {
-#pragma unroll
-      for (int w = 0; w < kWords; ++w) {
-        float v[8];
-        decode8(words[k][w], am, s_nf4, v);
-        store8(out + e0 + 8 * w, v);
-      }
+    const float am = block_scale<NESTED>(t.raw[k], s_code2, p.offset);
+    if (VEC && e0 + 8 <= p.numel) {
+      float v[8];
+      decode8(t.words[k], am, s_nf4, v);
+      store8<STREAM>(out + e0, v);
     } else {
-      const int64_t n = min(int64_t{CHUNK}, p.numel - e0);
+      const int64_t n = min(int64_t{8}, p.numel - e0);
 #pragma unroll 1
       for (int64_t i = 0; i < n; ++i) {
         const int64_t e = e0 + i;
@@ -198,23 +208,81 @@ __global__ void __launch_bounds__(kThreads) nf4_dequantize_kernel(const DequantP
   }
 }
 
-template <typename T, bool NESTED, int CHUNK, int kChunks, bool VEC>
-void launch_layout(const DequantParams& p, cudaStream_t stream) {
-  constexpr int64_t kTile = int64_t{kThreads} * CHUNK * kChunks;
-  const dim3 grid(static_cast<unsigned>((p.numel + kTile - 1) / kTile));
-  nf4_dequantize_kernel<T, NESTED, CHUNK, kChunks, VEC><<<grid, kThreads, 0, stream>>>(p);
+template <bool NESTED>
+__device__ __forceinline__ void stage_tables(const DequantParams& p, float* s_nf4, float* s_code2) {
+  if (threadIdx.x < 16) s_nf4[threadIdx.x] = kNF4CodebookDevice[threadIdx.x];
+  if constexpr (NESTED) s_code2[threadIdx.x] = __ldg(p.code2 + threadIdx.x);  // kThreads == 256
+}
+
+// Variants 0 and 2: one tile per CTA. The tile's loads are issued before the barrier that
+// publishes the shared tables, so their latency overlaps it.
+template <typename T, bool NESTED, bool VEC, bool STREAM>
+__global__ void __launch_bounds__(kThreads) nf4_dequantize_kernel(const DequantParams p) {
+  __shared__ float s_nf4[16];
+  __shared__ float s_code2[NESTED ? 256 : 1];
+  TileLoads t;
+  load_tile<NESTED, VEC>(p, blockIdx.x, t);
+  stage_tables<NESTED>(p, s_nf4, s_code2);
+  __syncthreads();
+  store_tile<T, NESTED, VEC, STREAM>(p, blockIdx.x, t, s_nf4, s_code2);
+}
+
+// Variants 1 and 3: persistent CTAs walking tiles with the grid's stride, the next tile's loads in
+// flight while the current one is decoded and stored.
+template <typename T, bool NESTED, bool VEC, bool STREAM>
+__global__ void __launch_bounds__(kThreads) nf4_dequantize_persistent_kernel(const DequantParams p, int64_t ntiles) {
+  __shared__ float s_nf4[16];
+  __shared__ float s_code2[NESTED ? 256 : 1];
+  int64_t tile = blockIdx.x;
+  TileLoads cur;
+  if (tile < ntiles) load_tile<NESTED, VEC>(p, tile, cur);
+  stage_tables<NESTED>(p, s_nf4, s_code2);
+  __syncthreads();
+  while (tile < ntiles) {
+    const int64_t next = tile + gridDim.x;
+    TileLoads nxt;
+    if (next < ntiles) load_tile<NESTED, VEC>(p, next, nxt);
+    store_tile<T, NESTED, VEC, STREAM>(p, tile, cur, s_nf4, s_code2);
+    cur = nxt;
+    tile = next;
+  }
+}
+
+template <typename T, bool NESTED, bool VEC, bool STREAM>
+void launch_one_tile_per_cta(const DequantParams& p, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((p.numel + kTileElems - 1) / kTileElems));
+  nf4_dequantize_kernel<T, NESTED, VEC, STREAM><<<grid, kThreads, 0, stream>>>(p);
+}
+
+template <typename T, bool NESTED, bool STREAM>
+void launch_persistent(const DequantParams& p, cudaStream_t stream) {
+  const int64_t ntiles = (p.numel + kTileElems - 1) / kTileElems;
+  // CTAs that fit at once: a property of the kernel and the device, computed once per process
+  // (the runtime trains on one device type at a time).
+  static const int64_t resident = [] {
+    int device = 0, sms = 0, per_sm = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, nf4_dequantize_persistent_kernel<T, NESTED, true, STREAM>,
+                                                  kThreads, 0);
+    return int64_t{std::max(1, sms)} * std::max(1, per_sm);
+  }();
+  const dim3 grid(static_cast<unsigned>(std::min(ntiles, resident)));
+  nf4_dequantize_persistent_kernel<T, NESTED, true, STREAM><<<grid, kThreads, 0, stream>>>(p, ntiles);
 }
 
 template <typename T, bool NESTED>
 cudaError_t launch_dequant(const DequantParams& p, int variant, bool aligned, cudaStream_t stream) {
   if (!aligned)
-    launch_layout<T, NESTED, 8, 4, false>(p, stream);
+    launch_one_tile_per_cta<T, NESTED, false, false>(p, stream);
   else if (variant == 1)
-    launch_layout<T, NESTED, 32, 1, true>(p, stream);
+    launch_persistent<T, NESTED, false>(p, stream);
   else if (variant == 2)
-    launch_layout<T, NESTED, 8, 8, true>(p, stream);
+    launch_one_tile_per_cta<T, NESTED, true, true>(p, stream);
+  else if (variant == 3)
+    launch_persistent<T, NESTED, true>(p, stream);
   else
-    launch_layout<T, NESTED, 8, 4, true>(p, stream);
+    launch_one_tile_per_cta<T, NESTED, true, false>(p, stream);
   return cudaGetLastError();
 }
 
@@ -325,9 +393,8 @@ cudaError_t nf4_dequantize(const NF4DequantizeArgs& a, cudaStream_t stream) {
   p.absmax2 = a.absmax2;
   p.offset = a.offset;
   p.out = a.out;
-  const int variant = (a.variant == 1 || a.variant == 2) ? a.variant : 0;
-  const uintptr_t load_align = variant == 1 ? 16 : 4;
-  const bool aligned = reinterpret_cast<uintptr_t>(a.packed) % load_align == 0 &&
+  const int variant = (a.variant >= 0 && a.variant < kDequantizeVariants) ? a.variant : 0;
+  const bool aligned = reinterpret_cast<uintptr_t>(a.packed) % 4 == 0 &&
                        reinterpret_cast<uintptr_t>(a.out) % 16 == 0;
   switch (a.out_type) {
     case FloatType::f32:

@@ -25,12 +25,13 @@ struct NF4DequantizeArgs {
   int nested_blocksize = 256;
   void* out = nullptr;                   // [numel] of out_type
   FloatType out_type = FloatType::bf16;
-  // Thread layout of the dequant kernel (same arithmetic, same output; see kernels/nf4.cu):
-  // 0 = 4-byte loads, fully coalesced 16-byte stores (the default, used by the runtime);
-  // 1 = 16-byte loads, 64-byte-strided stores; 2 = layout 0 with 64 elements per thread.
-  // Only `qlora bench nf4` and the tests set it, to time and check the layouts on a device.
+  // Launch variant of the dequant kernel (same arithmetic, same output; see kernels/nf4.cu):
+  // 0 = one 8192-element tile per CTA (the default, used by the runtime); 1 = persistent CTAs,
+  // next tile prefetched; 2 = 0 with streaming stores; 3 = 1 with streaming stores.
+  // Only `qlora bench nf4` and the tests set it, to time and check the variants on a device.
   int variant = 0;
 };
+inline constexpr int kDequantizeVariants = 4;
 
 // One pass: reads packed bytes and absmax codes, writes out; no temporary buffers.
 cudaError_t nf4_dequantize(const NF4DequantizeArgs& args, cudaStream_t stream);

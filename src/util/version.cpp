@@ -35,7 +35,7 @@ std::string describe_cuda() {
   for (int i = 0; i < count; ++i) {
     cudaDeviceProp prop{};
     if (cudaGetDeviceProperties(&prop, i) != cudaSuccess) continue;
-    char buf[256];
+    char buf[512];
     std::snprintf(buf, sizeof buf, "%s%s (sm_%d%d, %.1f GiB)", i ? "; " : "", prop.name, prop.major, prop.minor,
                   prop.totalGlobalMem / 1073741824.0);
     out += buf;
