@@ -21,23 +21,16 @@
 // chunks of 8; a thread owns 4 chunks strided by the CTA width, so a warp's 4-byte loads cover 128
 // contiguous bytes and its 16-byte stores 512 contiguous bytes (fully coalesced both ways), with
 // one absmax per 8 elements (an L1-hit byte load, a shared-memory lookup, two fp32 ops). All loads
-// of a tile are issued before its outputs are computed. Variants, picked by
-// NF4DequantizeArgs::variant so that `qlora bench nf4` can time them side by side on the device
-// (an earlier 32-elements-per-thread layout, whose stores landed 64 bytes apart, ran at half the
-// bandwidth and was dropped):
-//   0: one tile per CTA, a grid of ceil(numel / 8192) CTAs; code2 staged into shared memory by
-//      every CTA.
-//   1: persistent: as many CTAs as fit on the device at once, each walking tiles with a stride of
-//      the grid; the tables are staged once per CTA and the next tile's loads are issued before
-//      the current tile is decoded (two tiles in flight per thread), which removes the per-CTA
-//      start-up and the last-wave tail that cost the most on mid-sized weights.
-//   2: as 0, with streaming (evict-first) stores: the output is written once and read by the next
-//      GEMM, so it need not displace the inputs in L2.
-//   3: as 1, with streaming stores.
+// of a tile are issued before the barrier that publishes the shared tables, so their latency
+// overlaps it. Variants, picked by NF4DequantizeArgs::variant so that `qlora bench nf4` times them
+// side by side on the device: 0 (the runtime's) uses plain stores; 1 streaming (evict-first,
+// st.global.cs) stores. 1 measured 1-3 % faster in isolation on an H200 (docs/PERFORMANCE.md),
+// but in training the GEMM reads the output next, and for a weight that fits in L2 a plain store
+// leaves it there. Tried and dropped, both measured slower on an H200: 32 elements per thread
+// with 16-byte loads (its stores land 64 bytes apart: half the bandwidth), and persistent CTAs
+// prefetching their next tile (about 7 % slower than one tile per CTA).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-
-#include <algorithm>
 
 #include "nf4.cuh"
 #include "nf4_common.cuh"
@@ -214,8 +207,7 @@ __device__ __forceinline__ void stage_tables(const DequantParams& p, float* s_nf
   if constexpr (NESTED) s_code2[threadIdx.x] = __ldg(p.code2 + threadIdx.x);  // kThreads == 256
 }
 
-// Variants 0 and 2: one tile per CTA. The tile's loads are issued before the barrier that
-// publishes the shared tables, so their latency overlaps it.
+// One tile per CTA.
 template <typename T, bool NESTED, bool VEC, bool STREAM>
 __global__ void __launch_bounds__(kThreads) nf4_dequantize_kernel(const DequantParams p) {
   __shared__ float s_nf4[16];
@@ -227,48 +219,10 @@ __global__ void __launch_bounds__(kThreads) nf4_dequantize_kernel(const DequantP
   store_tile<T, NESTED, VEC, STREAM>(p, blockIdx.x, t, s_nf4, s_code2);
 }
 
-// Variants 1 and 3: persistent CTAs walking tiles with the grid's stride, the next tile's loads in
-// flight while the current one is decoded and stored.
-template <typename T, bool NESTED, bool VEC, bool STREAM>
-__global__ void __launch_bounds__(kThreads) nf4_dequantize_persistent_kernel(const DequantParams p, int64_t ntiles) {
-  __shared__ float s_nf4[16];
-  __shared__ float s_code2[NESTED ? 256 : 1];
-  int64_t tile = blockIdx.x;
-  TileLoads cur;
-  if (tile < ntiles) load_tile<NESTED, VEC>(p, tile, cur);
-  stage_tables<NESTED>(p, s_nf4, s_code2);
-  __syncthreads();
-  while (tile < ntiles) {
-    const int64_t next = tile + gridDim.x;
-    TileLoads nxt;
-    if (next < ntiles) load_tile<NESTED, VEC>(p, next, nxt);
-    store_tile<T, NESTED, VEC, STREAM>(p, tile, cur, s_nf4, s_code2);
-    cur = nxt;
-    tile = next;
-  }
-}
-
 template <typename T, bool NESTED, bool VEC, bool STREAM>
 void launch_one_tile_per_cta(const DequantParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.numel + kTileElems - 1) / kTileElems));
   nf4_dequantize_kernel<T, NESTED, VEC, STREAM><<<grid, kThreads, 0, stream>>>(p);
-}
-
-template <typename T, bool NESTED, bool STREAM>
-void launch_persistent(const DequantParams& p, cudaStream_t stream) {
-  const int64_t ntiles = (p.numel + kTileElems - 1) / kTileElems;
-  // CTAs that fit at once: a property of the kernel and the device, computed once per process
-  // (the runtime trains on one device type at a time).
-  static const int64_t resident = [] {
-    int device = 0, sms = 0, per_sm = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, nf4_dequantize_persistent_kernel<T, NESTED, true, STREAM>,
-                                                  kThreads, 0);
-    return int64_t{std::max(1, sms)} * std::max(1, per_sm);
-  }();
-  const dim3 grid(static_cast<unsigned>(std::min(ntiles, resident)));
-  nf4_dequantize_persistent_kernel<T, NESTED, true, STREAM><<<grid, kThreads, 0, stream>>>(p, ntiles);
 }
 
 template <typename T, bool NESTED>
@@ -276,11 +230,7 @@ cudaError_t launch_dequant(const DequantParams& p, int variant, bool aligned, cu
   if (!aligned)
     launch_one_tile_per_cta<T, NESTED, false, false>(p, stream);
   else if (variant == 1)
-    launch_persistent<T, NESTED, false>(p, stream);
-  else if (variant == 2)
     launch_one_tile_per_cta<T, NESTED, true, true>(p, stream);
-  else if (variant == 3)
-    launch_persistent<T, NESTED, true>(p, stream);
   else
     launch_one_tile_per_cta<T, NESTED, true, false>(p, stream);
   return cudaGetLastError();

@@ -26,12 +26,11 @@ struct NF4DequantizeArgs {
   void* out = nullptr;                   // [numel] of out_type
   FloatType out_type = FloatType::bf16;
   // Launch variant of the dequant kernel (same arithmetic, same output; see kernels/nf4.cu):
-  // 0 = one 8192-element tile per CTA (the default, used by the runtime); 1 = persistent CTAs,
-  // next tile prefetched; 2 = 0 with streaming stores; 3 = 1 with streaming stores.
+  // 0 = plain stores (the runtime's); 1 = streaming (evict-first) stores.
   // Only `qlora bench nf4` and the tests set it, to time and check the variants on a device.
   int variant = 0;
 };
-inline constexpr int kDequantizeVariants = 4;
+inline constexpr int kDequantizeVariants = 2;
 
 // One pass: reads packed bytes and absmax codes, writes out; no temporary buffers.
 cudaError_t nf4_dequantize(const NF4DequantizeArgs& args, cudaStream_t stream);

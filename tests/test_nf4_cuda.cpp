@@ -203,9 +203,8 @@ TEST_CASE("nf4 CUDA dequantize out= writes exactly its slice of a scratch", "[cu
 TEST_CASE("nf4 CUDA dequantize: every launch variant gives the same bits", "[cuda][nf4]") {
   QLORA_REQUIRE_CUDA();
 #ifdef QLORA_WITH_CUDA
-  // Variants 1..3 are only reachable from the launcher; `qlora bench nf4` times them. 20000003
-  // elements: more tiles than CTAs fit on an H100/H200 at once, so the persistent CTAs loop.
-  const int variant = GENERATE(1, 2, 3);
+  // Variant 1 (streaming stores) is only reachable from the launcher; `qlora bench nf4` times it.
+  const int variant = GENERATE(1);
   const at::ScalarType dt = GENERATE_COPY(from_range(kFloatTypes));
   const int64_t numel = GENERATE(int64_t{65}, int64_t{64 * 256 * 3 + 17}, int64_t{1023 * 4097}, int64_t{20000003});
   const uint64_t seed = fresh_seed();
