@@ -9,7 +9,8 @@
     reciprocal of absmax; we use the IEEE one) or of the double-quant offset (bnb: torch's mean,
     we: a fixed-order mean) moves it across? Reported per 10^5 elements;
 (3) speed: bnb's nested dequantize_4bit vs ours on 14336x4096 and 28672x8192 bf16 (median of
-    CUDA-event times, input sets rotated so the L2 cache does not serve them) and the ratio.
+    CUDA-event times over 10 back-to-back calls, input sets rotated so the L2 cache does not serve
+    them) and the ratio.
 
 Runs on the GPU box (torch 2.11+cu130, the bitsandbytes wheel on PYTHONPATH):
     python tests/oracle/nf4_bnb_oracle.py --lib build-gpu/libqlora_ops.so --out oracle_nf4.json
@@ -234,20 +235,23 @@ def check_quant(F, w, nested, blocksize, k_ulps):
     return r
 
 
-def median_ms(fn, sets, iters, sync):
+def median_ms(fn, sets, iters, sync, calls_per_sample=10):
+    """Median device time per call. A sample is `calls_per_sample` back-to-back calls (sets
+    rotated) between two events, so that the Python/dispatch time of each call overlaps the
+    previous call's GPU work, as in a training loop, instead of being counted as GPU time."""
     for _ in range(3):
         for s in sets:
             fn(s)
     sync()
     times = []
     for i in range(iters):
-        s = sets[i % len(sets)]
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn(s)
+        for c in range(calls_per_sample):
+            fn(sets[(i * calls_per_sample + c) % len(sets)])
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / calls_per_sample)
     return float(np.median(times))
 
 
