@@ -16,21 +16,16 @@
 #include <cstring>
 #include <filesystem>
 
+#include "test_util.h"
+
 
 using Catch::Matchers::ContainsSubstring;
 namespace fs = std::filesystem;
 
+using qlora::test::TempDir;
+
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static std::atomic<int> n{0};
-    path = fs::temp_directory_path() / ("qlora_bnb_test_" + std::to_string(::getpid()) + "_" + std::to_string(n++));
-    fs::create_directories(path);
-  }
-  ~TempDir() { std::error_code ec; fs::remove_all(path, ec); }
-};
 
 at::Tensor bytes_tensor(const std::string& s) {
   at::Tensor t = at::empty({static_cast<int64_t>(s.size())}, at::kByte);
@@ -127,7 +122,7 @@ TEST_CASE("bnb-4bit entries: write -> read gives the identical NF4Tensor", "[bnb
   CAPTURE(numel, dtype, nested);
   const at::Tensor w = at::randn({numel}).to(dtype).reshape({1, numel});
   const qlora::NF4Tensor q = qlora::nf4_quantize(w, 64, nested);
-  TempDir d;
+  TempDir d("qlora_bnb_test");
   qlora::NamedTensors all = qlora::bnb4bit_entries(W, q);
   all.emplace_back("model.norm.weight", at::ones({8}, dtype));
   qlora::save_safetensors(d.path / "model.safetensors", all);

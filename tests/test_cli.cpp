@@ -9,27 +9,14 @@
 #include <fstream>
 #include <string>
 
+#include "test_util.h"
+
 using Catch::Matchers::ContainsSubstring;
 
 namespace {
 
-struct Run {
-  int status = -1;
-  std::string output;  // stdout and stderr together
-};
-
-Run run_qlora(const std::string& args) {
-  const std::string cmd = std::string(QLORA_BINARY) + " " + args + " 2>&1";
-  Run r;
-  FILE* p = popen(cmd.c_str(), "r");
-  REQUIRE(p != nullptr);
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
-  int st = pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-  return r;
-}
+using qlora::test::Run;
+using qlora::test::run_qlora;
 
 std::string temp_file(const std::string& name, const std::string& text) {
   auto path = std::filesystem::temp_directory_path() / ("qlora_cli_test_" + std::to_string(::getpid()) + "_" + name);

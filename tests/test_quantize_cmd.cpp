@@ -16,29 +16,22 @@
 #include <filesystem>
 #include <fstream>
 
+#include "test_util.h"
+
 
 using Catch::Matchers::ContainsSubstring;
 namespace fs = std::filesystem;
 using nlohmann::json;
 
+using qlora::test::TempDir;
+
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static std::atomic<int> n{0};
-    path = fs::temp_directory_path() / ("qlora_quant_test_" + std::to_string(::getpid()) + "_" + std::to_string(n++));
-    fs::create_directories(path);
-  }
-  ~TempDir() { std::error_code ec; fs::remove_all(path, ec); }
-  fs::path operator/(const std::string& s) const { return path / s; }
-};
 
-void write_text(const fs::path& p, const std::string& s) { std::ofstream(p, std::ios::binary) << s; }
-std::string read_text(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
+using qlora::test::read_file;
+using qlora::test::Run;
+using qlora::test::run_qlora;
+using qlora::test::write_file;
 
 json tiny_config() {
   return json::parse(R"({
@@ -71,11 +64,11 @@ qlora::NamedTensors make_checkpoint(const fs::path& dir, int64_t shard_bytes, at
   add("lm_head.weight", {100, 64});
   if (shard_bytes > 0) qlora::save_safetensors_sharded(dir, ts, shard_bytes);
   else qlora::save_safetensors(dir / "model.safetensors", ts);
-  write_text(dir / "config.json", tiny_config().dump(2));
-  write_text(dir / "tokenizer.json", R"({"model": {"type": "BPE"}})");
-  write_text(dir / "tokenizer_config.json", R"({"bos_token": "<s>"})");
-  write_text(dir / "generation_config.json", R"({"do_sample": true})");
-  write_text(dir / "README.md", "not copied");
+  write_file(dir / "config.json", tiny_config().dump(2));
+  write_file(dir / "tokenizer.json", R"({"model": {"type": "BPE"}})");
+  write_file(dir / "tokenizer_config.json", R"({"bos_token": "<s>"})");
+  write_file(dir / "generation_config.json", R"({"do_sample": true})");
+  write_file(dir / "README.md", "not copied");
   return ts;
 }
 
@@ -88,23 +81,6 @@ std::string quantize_error(const fs::path& in, const fs::path& out, qlora::Quant
   return "no error";
 }
 
-struct Run {
-  int status = -1;
-  std::string output;
-};
-
-Run run_qlora(const std::string& args) {
-  const std::string cmd = std::string(QLORA_BINARY) + " " + args + " 2>&1";
-  Run r;
-  FILE* p = popen(cmd.c_str(), "r");
-  REQUIRE(p != nullptr);
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
-  const int st = pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-  return r;
-}
 
 void check_quantized(const fs::path& in, const fs::path& out, const qlora::NamedTensors& ts, bool nested) {
   qlora::SafetensorsCheckpoint ck(out);
@@ -127,7 +103,7 @@ void check_quantized(const fs::path& in, const fs::path& out, const qlora::Named
     }
   }
   CHECK(quantized == 14);
-  const json cfg = json::parse(read_text(out / "config.json"));
+  const json cfg = json::parse(read_file(out / "config.json"));
   const json& q = cfg["quantization_config"];
   CHECK(q["quant_method"] == "bitsandbytes");
   CHECK(q["load_in_4bit"] == true);
@@ -145,7 +121,7 @@ void check_quantized(const fs::path& in, const fs::path& out, const qlora::Named
   const qlora::HFConfig parsed = qlora::load_hf_config(out);
   REQUIRE(parsed.quantization_config);
   CHECK(parsed.quantization_config->bnb_4bit_use_double_quant == nested);
-  for (const char* f : {"tokenizer.json", "tokenizer_config.json", "generation_config.json"}) CHECK(read_text(in / f) == read_text(out / f));
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json", "generation_config.json"}) CHECK(read_file(in / f) == read_file(out / f));
   CHECK(!fs::exists(out / "README.md"));
   for (const auto& e : fs::directory_iterator(out)) CHECK(e.path().filename().string()[0] != '.');  // no temp files left
 }
@@ -192,7 +168,7 @@ TEST_CASE("HF config.json: fields, defaults, llama3 rope, token id lists", "[qua
   CHECK(qlora::hf_config_to_json(m) == minimal);
   m.quantization_config = qlora::bnb_nf4_quantization_config(true, "bfloat16");
   m.rms_norm_eps = 1e-5;
-  TempDir d;
+  TempDir d("qlora_quant_test");
   qlora::save_hf_config(d / "config.json", m);
   const qlora::HFConfig m2 = qlora::load_hf_config(d.path);
   CHECK(m2.rms_norm_eps == 1e-5);
@@ -237,14 +213,14 @@ TEST_CASE("HF config.json errors name the file and the key", "[quantize][hf_conf
              ContainsSubstring("quantization_config.bnb_4bit_quant_type: expected \"nf4\" or \"fp4\""));
   CHECK_THAT(err(json::array()), ContainsSubstring("m/config.json: expected a JSON object"));
 
-  TempDir d;
+  TempDir d("qlora_quant_test");
   CHECK_THROWS_WITH(qlora::load_hf_config(d.path), ContainsSubstring("config.json: does not exist"));
-  write_text(d / "config.json", "{\"model_type\": ");
+  write_file(d / "config.json", "{\"model_type\": ");
   CHECK_THROWS_WITH(qlora::load_hf_config(d.path), ContainsSubstring("config.json: not valid JSON"));
 }
 
 TEST_CASE("quantize a single-file 16-bit checkpoint", "[quantize]") {
-  TempDir d;
+  TempDir d("qlora_quant_test");
   fs::create_directories(d / "in");
   const auto ts = make_checkpoint(d / "in", 0);
   const qlora::QuantizeSummary s = qlora::quantize_checkpoint(d / "in", d / "out", {});
@@ -258,25 +234,25 @@ TEST_CASE("quantize a single-file 16-bit checkpoint", "[quantize]") {
     CHECK_THAT(quantize_error(d / "out", d / "again"), ContainsSubstring("quantization_config: expected none (a 16-bit checkpoint)"));
   }
   SECTION("a non-empty OUT_DIR is refused without --force and left as it was") {
-    const std::string before = read_text(d / "out" / "model.safetensors");
+    const std::string before = read_file(d / "out" / "model.safetensors");
     CHECK_THAT(quantize_error(d / "in", d / "out"), ContainsSubstring("output directory is not empty (pass --force"));
-    CHECK(read_text(d / "out" / "model.safetensors") == before);
+    CHECK(read_file(d / "out" / "model.safetensors") == before);
     // --force: a stale shard of an earlier run goes, the user's other files stay
     qlora::save_safetensors(d / "out" / "model-00001-of-00002.safetensors", {{"x", at::zeros({1})}});
-    write_text(d / "out" / "adapter_model.safetensors", "mine");
+    write_file(d / "out" / "adapter_model.safetensors", "mine");
     qlora::QuantizeOptions o;
     o.force = true;
     o.double_quant = false;
     qlora::quantize_checkpoint(d / "in", d / "out", o);
     CHECK(!fs::exists(d / "out" / "model-00001-of-00002.safetensors"));
-    CHECK(read_text(d / "out" / "adapter_model.safetensors") == "mine");
+    CHECK(read_file(d / "out" / "adapter_model.safetensors") == "mine");
     fs::remove(d / "out" / "adapter_model.safetensors");
     check_quantized(d / "in", d / "out", ts, false);
   }
 }
 
 TEST_CASE("quantize a sharded checkpoint, without double quant", "[quantize]") {
-  TempDir d;
+  TempDir d("qlora_quant_test");
   fs::create_directories(d / "in");
   const auto ts = make_checkpoint(d / "in", 40000);
   REQUIRE(fs::exists(d / "in" / "model.safetensors.index.json"));
@@ -285,7 +261,7 @@ TEST_CASE("quantize a sharded checkpoint, without double quant", "[quantize]") {
   const qlora::QuantizeSummary s = qlora::quantize_checkpoint(d / "in", d / "out", o);
   CHECK(s.quantized == 14);
   check_quantized(d / "in", d / "out", ts, false);
-  const json index = json::parse(read_text(d / "out" / "model.safetensors.index.json"));
+  const json index = json::parse(read_file(d / "out" / "model.safetensors.index.json"));
   qlora::SafetensorsCheckpoint ck(d / "out");
   CHECK(ck.sharded());
   CHECK(index["weight_map"].size() == ck.names().size());
@@ -296,13 +272,13 @@ TEST_CASE("quantize a sharded checkpoint, without double quant", "[quantize]") {
 }
 
 TEST_CASE("quantize user errors", "[quantize]") {
-  TempDir d;
+  TempDir d("qlora_quant_test");
   CHECK_THAT(quantize_error(d / "missing", d / "out"), ContainsSubstring("missing: input directory does not exist"));
   fs::create_directories(d / "in");
   CHECK_THAT(quantize_error(d / "in", d / "out"), ContainsSubstring("config.json: does not exist"));
-  write_text(d / "in" / "config.json", "{oops");
+  write_file(d / "in" / "config.json", "{oops");
   CHECK_THAT(quantize_error(d / "in", d / "out"), ContainsSubstring("config.json: not valid JSON"));
-  write_text(d / "in" / "config.json", tiny_config().dump());
+  write_file(d / "in" / "config.json", tiny_config().dump());
   CHECK_THAT(quantize_error(d / "in", d / "out"), ContainsSubstring("no model.safetensors"));
   make_checkpoint(d / "in", 0);
   CHECK_THAT(quantize_error(d / "in", d / "in"), ContainsSubstring("the output directory is the input directory"));
@@ -315,7 +291,7 @@ TEST_CASE("quantize user errors", "[quantize]") {
 }
 
 TEST_CASE("qlora quantize binary: exit status 2 on user errors, 0 on success", "[quantize]") {
-  TempDir d;
+  TempDir d("qlora_quant_test");
   Run r = run_qlora("quantize " + (d / "nope").string() + " " + (d / "out").string());
   CHECK(r.status == 2);
   CHECK_THAT(r.output, ContainsSubstring("input directory does not exist"));

@@ -14,29 +14,19 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "test_util.h"
+
 
 using Catch::Matchers::ContainsSubstring;
 namespace fs = std::filesystem;
 
+using qlora::test::TempDir;
+
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static std::atomic<int> n{0};
-    path = fs::temp_directory_path() / ("qlora_st_test_" + std::to_string(::getpid()) + "_" + std::to_string(n++));
-    fs::create_directories(path);
-  }
-  ~TempDir() { std::error_code ec; fs::remove_all(path, ec); }
-  fs::path operator/(const std::string& s) const { return path / s; }
-};
 
-void write_bytes(const fs::path& p, const std::string& bytes) { std::ofstream(p, std::ios::binary) << bytes; }
-
-std::string read_bytes(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
+using qlora::test::read_file;
+using qlora::test::write_file;
 
 // A file with the given header text and `data_len` zero bytes of data.
 std::string raw_file(const std::string& header, size_t data_len, int64_t claimed_len = -1) {
@@ -47,8 +37,8 @@ std::string raw_file(const std::string& header, size_t data_len, int64_t claimed
 }
 
 std::string open_error(const std::string& bytes) {
-  TempDir d;
-  write_bytes(d / "bad.safetensors", bytes);
+  TempDir d("qlora_st_test");
+  write_file(d / "bad.safetensors", bytes);
   try {
     qlora::SafetensorsFile f(d / "bad.safetensors");
   } catch (const qlora::UserError& e) {
@@ -75,7 +65,7 @@ bool same(const at::Tensor& a, const at::Tensor& b) {
 }  // namespace
 
 TEST_CASE("safetensors round trip of every dtype, odd shapes included", "[safetensors]") {
-  TempDir d;
+  TempDir d("qlora_st_test");
   const std::vector<std::pair<std::string, at::ScalarType>> types = {
       {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf},   {"BF16", at::kBFloat16}, {"I64", at::kLong},
       {"I32", at::kInt},    {"I16", at::kShort}, {"I8", at::kChar},    {"U8", at::kByte},       {"BOOL", at::kBool},
@@ -125,8 +115,8 @@ TEST_CASE("safetensors writer layout: dtype-then-name order, padded header, __me
   CHECK(n % 8 == 0);
   const std::string h = all.substr(8, n);
   CHECK(h.rfind("{\"__metadata__\":{\"format\":\"pt\"},\"z\":", 0) == 0);
-  TempDir d;
-  write_bytes(d / "o.safetensors", all);
+  TempDir d("qlora_st_test");
+  write_file(d / "o.safetensors", all);
   qlora::SafetensorsFile f(d / "o.safetensors");
   CHECK(f.names() == std::vector<std::string>{"z", "a", "c", "y", "b"});  // F64, F32 (a, c), BF16, U8
 
@@ -143,7 +133,7 @@ TEST_CASE("safetensors writer layout: dtype-then-name order, padded header, __me
 }
 
 TEST_CASE("safetensors views are copy-on-write and outlive the file object", "[safetensors]") {
-  TempDir d;
+  TempDir d("qlora_st_test");
   qlora::save_safetensors(d / "m.safetensors", {{"w", at::arange(6, at::kFloat)}});
   at::Tensor v;
   {
@@ -227,20 +217,20 @@ TEST_CASE("safetensors reader rejects malformed files with one clear line", "[sa
     CHECK_THAT(open_error(raw_file(R"({"__metadata__":[]})", 0)), ContainsSubstring("__metadata__ must be an object"));
   }
   SECTION("a missing file and a directory") {
-    TempDir d;
+    TempDir d("qlora_st_test");
     CHECK_THROWS_WITH(qlora::SafetensorsFile(d / "none.safetensors"), ContainsSubstring("cannot open"));
     CHECK_THROWS_WITH(qlora::SafetensorsFile(d.path), ContainsSubstring("is a directory"));
   }
   SECTION("an empty checkpoint is fine") {
-    TempDir d;
-    write_bytes(d / "e.safetensors", raw_file("{}      ", 0));
+    TempDir d("qlora_st_test");
+    write_file(d / "e.safetensors", raw_file("{}      ", 0));
     qlora::SafetensorsFile f(d / "e.safetensors");
     CHECK(f.entries().empty());
   }
 }
 
 TEST_CASE("sharded checkpoints: writer, index and reader", "[safetensors]") {
-  TempDir d;
+  TempDir d("qlora_st_test");
   qlora::NamedTensors ts;
   for (int i = 0; i < 5; ++i) ts.emplace_back("layer." + std::to_string(i), at::randn({16, 16}));  // 1 KB each
   ts.emplace_back("bias", at::randn({16}, at::kBFloat16));
@@ -248,7 +238,7 @@ TEST_CASE("sharded checkpoints: writer, index and reader", "[safetensors]") {
   CHECK(files.size() == 4);  // 3 shards + index
   CHECK(files[0] == "model-00001-of-00003.safetensors");
   CHECK(files.back() == "model.safetensors.index.json");
-  const auto index = nlohmann::json::parse(read_bytes(d / "model.safetensors.index.json"));
+  const auto index = nlohmann::json::parse(read_file(d / "model.safetensors.index.json"));
   CHECK(index["metadata"]["total_size"] == 5 * 1024 + 32);
   CHECK(index["weight_map"]["bias"] == "model-00003-of-00003.safetensors");
 
@@ -271,10 +261,10 @@ TEST_CASE("sharded checkpoints: writer, index and reader", "[safetensors]") {
 }
 
 TEST_CASE("bad model.safetensors.index.json", "[safetensors]") {
-  TempDir d;
+  TempDir d("qlora_st_test");
   qlora::save_safetensors(d / "s1.safetensors", {{"a", at::zeros({2})}});
   auto err = [&](const std::string& index) {
-    write_bytes(d / "model.safetensors.index.json", index);
+    write_file(d / "model.safetensors.index.json", index);
     try {
       qlora::SafetensorsCheckpoint ck(d.path);
     } catch (const qlora::UserError& e) {
@@ -306,7 +296,7 @@ TEST_CASE("bad model.safetensors.index.json", "[safetensors]") {
 }
 
 TEST_CASE("safetensors: unpadded headers (misaligned data) and failed writes", "[safetensors]") {
-  TempDir d;
+  TempDir d("qlora_st_test");
   // Other writers need not pad the header: F64 data then starts at an odd multiple of 4 and is
   // copied instead of viewed.
   const std::string h = R"({"a":{"dtype":"F64","shape":[2],"data_offsets":[0,16]}})";
@@ -314,7 +304,7 @@ TEST_CASE("safetensors: unpadded headers (misaligned data) and failed writes", "
   std::string bytes = raw_file(h, 0);
   const double vals[2] = {1.5, -2.25};
   bytes.append(reinterpret_cast<const char*>(vals), sizeof vals);
-  write_bytes(d / "u.safetensors", bytes);
+  write_file(d / "u.safetensors", bytes);
   qlora::SafetensorsFile f(d / "u.safetensors");
   const at::Tensor v = f.view("a");
   CHECK(v[0].item<double>() == 1.5);
