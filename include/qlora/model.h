@@ -5,6 +5,7 @@
 // explicit so that checkpointing, sharding and LoRA (later issues) can hook in where they happen.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>  // at::NoGradGuard for inference callers
 
 #include <cstdint>
 #include <filesystem>
@@ -31,6 +32,10 @@ struct DecoderLayerWeights {
   at::Tensor post_attention_layernorm;  // [hidden]
   LinearWeight q_proj, k_proj, v_proj, o_proj;
   LinearWeight gate_proj, up_proj, down_proj;
+  // 0: plain causal attention. W > 0: a token also ignores keys W or more positions back
+  // (kv_idx > q_idx - W), as transformers' sliding_window_overlay: Mistral (every layer, when
+  // config sliding_window is set), Qwen2 (layers >= max_window_layers when use_sliding_window).
+  int64_t sliding_window = 0;
 };
 
 struct LlamaWeights {
@@ -41,6 +46,8 @@ struct LlamaWeights {
   std::vector<DecoderLayerWeights> layers;
   at::Tensor norm;                      // [hidden]
   at::Tensor lm_head;                   // [vocab, hidden]; the same tensor as embed_tokens when tied
+  at::Tensor inv_freq;                  // fp32 [head_dim / 2] on `device`: rope_params(config)
+  double attention_scaling = 1.0;       // rope_params(config).attention_scaling (cos/sin factor)
 };
 
 struct ModelLoadOptions {
@@ -52,8 +59,14 @@ struct ModelLoadOptions {
   at::Device device = at::kCPU;
 };
 
-// Loads config.json and the weights. Unsupported architectures/options, missing or misshapen
-// tensors are UserErrors naming the file, the tensor and what was expected.
+// Loads config.json and the weights, one tensor at a time, each moved to `device` and converted
+// there (16-bit linear weights are cast to the compute dtype, then quantized, as transformers +
+// bitsandbytes do with torch_dtype = compute dtype). Unsupported architectures/options (rope types
+// other than default/linear/llama3, hidden_act other than silu, partial rotary, 8-bit or fp4
+// quantization), missing or misshapen tensors are UserErrors naming the file, the tensor and what
+// was expected. Supported beyond the minimum: Llama attention_bias and mlp_bias, Mistral/Qwen2
+// sliding windows (exact, see DecoderLayerWeights), a quantized lm_head (dequantized). Unused
+// checkpoint tensors are logged as a warning (rotary_emb.inv_freq buffers silently ignored).
 LlamaWeights load_llama(const std::filesystem::path& model_dir, const ModelLoadOptions& options);
 
 // Reusable buffer for dequantized NF4 weights: grows to the largest weight seen, then every call
@@ -62,7 +75,11 @@ struct DequantScratch {
   at::Tensor buffer;  // flat, compute dtype
 };
 
-// y = x W^T (+ b) for x [..., in]; NF4 weights are dequantized into `scratch` first.
+// y = x W^T (+ b) for x [..., in]; NF4 weights are dequantized into `scratch` first (the buffer
+// grows to the largest weight, then is reused). Differentiable with respect to x: the NF4 case is
+// an autograd function whose backward dequantizes the weight again (the scratch has been
+// overwritten by then), so recomputed layers and LoRA get correct input gradients. The base
+// weight and bias never get gradients (frozen).
 at::Tensor linear_forward(const at::Tensor& x, const LinearWeight& w, DequantScratch& scratch);
 
 // RoPE inverse frequencies as transformers computes them for rope_type default, linear and
@@ -74,13 +91,46 @@ struct RopeParams {
 RopeParams rope_params(const HFConfig& config);
 
 // One forward pass. input_ids: int64 [B, T]. position_ids: int64 [B, T] or undefined (0..T-1 per
-// row). Packed rows: a new document starts wherever position_ids resets to 0, and tokens attend
-// only to earlier tokens of their own document (as transformers does for packed sequences with
-// position ids).
+// row). Packed rows: a new document starts wherever position_ids resets to 0 -- precisely, as
+// transformers' find_packed_sequence_indices: wherever a position is not the previous one + 1 --
+// and tokens attend only to earlier tokens of their own document (as transformers does for packed
+// sequences with position ids and no attention mask).
 struct ForwardInputs {
   at::Tensor input_ids;
   at::Tensor position_ids;
 };
+
+// ---- the pieces of the forward pass, for callers that run the layer loop themselves (trainer:
+// checkpointing, sharding, LoRA). llama_hidden_states is exactly:
+//   h = at::embedding(embed_tokens, ids); a = attention_inputs(model, position_ids, B, T);
+//   for (layer : layers) h = decoder_layer(h, layer, model, a, scratch);  h = rms_norm(h, norm, eps)
+
+// transformers' LlamaRMSNorm: variance in fp32, x * rsqrt(var + eps) in fp32, cast back to the
+// input dtype, then weight * x.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// q * cos + rotate_half(q) * sin for q [B, heads, T, head_dim] and cos/sin [B, T, head_dim];
+// rotate_half(x) = cat(-x[..., d/2:], x[..., :d/2]) (the HF/GPT-NeoX half-split convention).
+at::Tensor apply_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
+// Everything the attention of every layer needs for one batch, computed once per forward.
+struct AttentionInputs {
+  at::Tensor cos, sin;      // [B, T, head_dim] in the compute dtype
+  at::Tensor mask;          // bool [B, 1, T, T] (true = attend): causal AND same document; undefined
+                            // when every row is a single document (then SDPA runs is_causal)
+  at::Tensor sliding_mask;  // `mask` AND within the sliding window, for layers with one; undefined
+                            // when no layer has a window or T <= the window (then it changes nothing)
+  int64_t sliding_window = 0;  // the window sliding_mask was built for
+};
+// position_ids: int64 [B, T] or undefined (0..T-1 per row).
+AttentionInputs attention_inputs(const LlamaWeights& model, const at::Tensor& position_ids, int64_t batch, int64_t seq);
+
+// Per-row document index of each token ([[0,0,1,1,1,2]] for positions [[0,1,0,1,2,0]]), int64 [B, T].
+at::Tensor document_ids(const at::Tensor& position_ids);
+
+// One decoder layer: h + attn(norm(h)), then + mlp(norm(.)). h: [B, T, hidden], compute dtype.
+at::Tensor decoder_layer(const at::Tensor& h, const DecoderLayerWeights& layer, const LlamaWeights& model,
+                         const AttentionInputs& attn, DequantScratch& scratch);
 
 // Final-norm hidden states [B, T, hidden] in the compute dtype.
 at::Tensor llama_hidden_states(const LlamaWeights& model, const ForwardInputs& inputs, DequantScratch& scratch);
@@ -89,10 +139,13 @@ at::Tensor llama_logits(const LlamaWeights& model, const ForwardInputs& inputs, 
 
 // Parameter and memory accounting for `qlora inspect` and `qlora validate`.
 struct ModelFootprint {
-  int64_t parameters = 0;             // as in the 16-bit model (embeddings, norms, linears, lm_head if untied)
-  int64_t linear_parameters = 0;      // the seven projections of every layer
-  int64_t bytes_as_loaded = 0;        // NF4 linears (packed + absmax state) + 16-bit rest
-  int64_t bytes_16bit = 0;            // everything in 16-bit
+  int64_t parameters = 0;             // as in the 16-bit model (embeddings, norms, linears and their
+                                      // biases, lm_head if untied); a tied lm_head counts once
+  int64_t linear_parameters = 0;      // weights of the seven projections of every layer (no biases)
+  int64_t bytes_as_loaded = 0;        // bytes the loaded tensors hold: NF4 linears as packed + absmax
+                                      // + absmax2 + code2, everything else at the compute dtype's size
+                                      // (2 bytes for bf16/fp16, 4 for fp32); a tied lm_head counts once
+  int64_t bytes_16bit = 0;            // parameters * 2
 };
 ModelFootprint model_footprint(const LlamaWeights& model);
 

@@ -45,7 +45,7 @@ int run(int argc, char** argv) {
   add(add_pending_command(app, "merge", "merge a LoRA adapter into the base weights", "MODEL_DIR ADAPTER_DIR OUT_DIR"));
   add(add_pending_command(app, "export", "export a model: --format gguf|safetensors|torchscript", "MODEL_DIR OUT"));
   add(add_quantize_command(app));
-  add(add_pending_command(app, "inspect", "describe a checkpoint, adapter or GGUF file", "PATH"));
+  add(add_inspect_command(app));
   add(add_validate_command(app));
   add(add_bench_command(app));
 

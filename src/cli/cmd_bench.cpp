@@ -1,5 +1,6 @@
 // qlora bench OP: time a kernel next to the plain-libtorch way of doing the same thing, in the
-// same process, on the current CUDA device. Ops: nf4 (the single-pass NF4 dequant).
+// same process, on the current CUDA device. Ops: nf4 (the single-pass NF4 dequant); model (the
+// decoder end to end: src/cli/bench_model.cpp).
 //
 // Method (why): every figure is a median over --iters samples; each sample is one pass over
 // several input/output sets in rotation (enough sets that their bytes are >= 4x the L2 cache, so
@@ -275,14 +276,24 @@ int bench_nf4(const BenchOptions&) {
 CommandFn add_bench_command(CLI::App& app) {
   auto st = std::make_shared<BenchOptions>();
   auto* sub = app.add_subcommand("bench", "benchmark a kernel against plain libtorch, in the same process: "
-                                          "qlora bench nf4 [--dtype bf16|fp16|all] [--iters N] [--json FILE]");
-  sub->add_option("op", st->op, "the kernel to measure: nf4 (NF4 dequantize)")
+                                          "qlora bench nf4 [--dtype bf16|fp16|all] [--iters N] [--json FILE]; "
+                                          "the decoder: qlora bench model MODEL_DIR [--seq 2048] [--batch 1] "
+                                          "[--dtype bf16] [--iters 5] [--no-4bit] [--device cuda|cpu] [--json FILE]");
+  sub->add_option("op", st->op, "what to measure: nf4 (NF4 dequantize), model (load + forward, bench_model.cpp)")
       ->required()
-      ->check(CLI::IsMember({"nf4"}));
-  sub->add_option("--dtype", st->dtype, "output dtype(s)")->check(CLI::IsMember({"bf16", "fp16", "all"}))->capture_default_str();
-  sub->add_option("--iters", st->iters, "timed samples per measurement (median)")->capture_default_str();
+      ->check(CLI::IsMember({"nf4", "model"}));
+  sub->add_option("--dtype", st->dtype, "output dtype(s); model: the compute dtype (all = bf16)")
+      ->check(CLI::IsMember({"bf16", "fp16", "fp32", "all"}))
+      ->capture_default_str();
+  auto* iters = sub->add_option("--iters", st->iters, "timed samples per measurement (median); model: default 5");
+  iters->capture_default_str();
   sub->add_option("--json", st->json_path, "also write the results to this JSON file");
-  return [st] { return bench_nf4(*st); };
+  BenchModelFn bench_model = add_bench_model_options(*sub);
+  return [st, iters, bench_model] {
+    if (st->op == "model") return bench_model(st->dtype, iters->count() > 0 ? st->iters : 0, st->json_path);
+    if (st->dtype == "fp32") throw UserError("qlora bench nf4: --dtype must be bf16, fp16 or all (fp32 is for bench model)");
+    return bench_nf4(*st);
+  };
 }
 
 }  // namespace qlora::cli

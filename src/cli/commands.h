@@ -13,6 +13,13 @@ using CommandFn = std::function<int()>;
 CommandFn add_validate_command(CLI::App& app);
 CommandFn add_bench_command(CLI::App& app);
 CommandFn add_quantize_command(CLI::App& app);
+CommandFn add_inspect_command(CLI::App& app);
+
+// qlora bench model (bench_model.cpp): adds MODEL_DIR and the model options to the bench
+// subcommand; the returned function runs it with bench's shared --dtype, --iters (0 when not
+// given) and --json values.
+using BenchModelFn = std::function<int(const std::string& dtype, int iters, const std::string& json_path)>;
+BenchModelFn add_bench_model_options(CLI::App& bench);
 
 // A subcommand whose implementation has not landed: it has --help and says plainly that it is
 // not implemented yet (exit status 2).

@@ -1,0 +1,158 @@
+// The Llama-family forward pass: embedding, the explicit layer loop (RMSNorm, q/k/v projections,
+// RoPE, grouped-query causal attention through at::scaled_dot_product_attention, o_proj, residual,
+// RMSNorm, SwiGLU MLP, residual), final norm and lm_head -- the computation of transformers'
+// LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM with SDPA attention.
+//
+// Facts from transformers (read, not copied):
+//  - LlamaRMSNorm.forward: x.to(float32); variance = x.pow(2).mean(-1, keepdim=True);
+//    x = x * torch.rsqrt(variance + eps); return weight * x.to(input_dtype).
+//  - LlamaAttention: q/k/v = proj(x).view(B, T, -1, head_dim).transpose(1, 2); RoPE on q and k;
+//    scaling = head_dim ** -0.5; o_proj(attn.transpose(1, 2).reshape(B, T, -1)).
+//  - integrations/sdpa_attention.py: k/v heads repeated (repeat_kv: expand + reshape, each KV head
+//    serving num_heads / num_kv_heads consecutive query heads) unless SDPA's enable_gqa is used,
+//    which it is only when there is no attention mask; is_causal when there is no mask.
+//  - masking_utils.py: packed rows are found from position ids (find_packed_sequence_indices: a new
+//    sequence wherever position_ids[t] != position_ids[t-1] + 1) and the mask is causal AND same
+//    sequence; sliding windows AND kv_idx > q_idx - window (sliding_window_overlay).
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <string>
+
+#include "model/internal.h"
+#include "qlora/error.h"
+#include "qlora/model.h"
+
+namespace qlora {
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const at::ScalarType dtype = x.scalar_type();
+  const at::Tensor h = x.to(at::kFloat);
+  const at::Tensor variance = h.pow(2).mean(-1, /*keepdim=*/true);
+  return weight * (h * at::rsqrt(variance + eps)).to(dtype);
+}
+
+at::Tensor document_ids(const at::Tensor& position_ids) {
+  const at::Tensor first = position_ids.narrow(1, 0, 1) - 1;
+  const at::Tensor step = at::diff(position_ids, 1, -1, first);
+  return (step != 1).to(at::kLong).cumsum(-1);
+}
+
+AttentionInputs attention_inputs(const LlamaWeights& model, const at::Tensor& position_ids_in, int64_t batch, int64_t seq) {
+  const at::TensorOptions long_opts = at::TensorOptions().dtype(at::kLong).device(model.device);
+  at::Tensor position_ids = position_ids_in.defined()
+                                ? position_ids_in.to(long_opts)
+                                : at::arange(seq, long_opts).unsqueeze(0).expand({batch, seq});
+  AttentionInputs a;
+  std::tie(a.cos, a.sin) = rope_cos_sin(model.inv_freq, model.attention_scaling, position_ids, model.compute_dtype);
+
+  const at::TensorOptions bool_opts = at::TensorOptions().dtype(at::kBool).device(model.device);
+  const at::Tensor causal = at::ones({seq, seq}, bool_opts).tril();  // [q, kv]: kv_idx <= q_idx
+  // One host sync per forward: whether any row holds more than one document. Without packing
+  // the mask stays undefined and SDPA runs is_causal (its fastest kernels, with GQA built in).
+  if (position_ids_in.defined() && seq > 1) {
+    const at::Tensor doc = document_ids(position_ids);
+    if (doc.select(1, seq - 1).ne(0).any().item<bool>())
+      a.mask = causal.view({1, 1, seq, seq}) & (doc.view({batch, 1, seq, 1}) == doc.view({batch, 1, 1, seq}));
+  }
+  int64_t window = 0;
+  for (const auto& layer : model.layers)
+    if (layer.sliding_window > 0) {
+      TORCH_CHECK(window == 0 || window == layer.sliding_window, "attention_inputs: layers with different sliding windows (",
+                  window, ", ", layer.sliding_window, ") are not supported");
+      window = layer.sliding_window;
+    }
+  if (window > 0 && seq > window) {
+    const at::Tensor idx = at::arange(seq, long_opts);
+    const at::Tensor in_window = idx.view({1, seq}) > (idx.view({seq, 1}) - window);  // kv_idx > q_idx - window
+    const at::Tensor base = a.mask.defined() ? a.mask : causal.view({1, 1, seq, seq}).expand({batch, 1, seq, seq});
+    a.sliding_mask = base & in_window.view({1, 1, seq, seq});
+    a.sliding_window = window;
+  }
+  return a;
+}
+
+namespace {
+
+// SDPA over q [B, H, T, D], k/v [B, KV, T, D].
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {
+  const int64_t heads = q.size(1), kv_heads = k.size(1);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));  // head_dim ** -0.5
+  if (!mask.defined())
+    return at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, /*is_causal=*/q.size(2) > 1, scale,
+                                            /*enable_gqa=*/heads != kv_heads);
+  // With a mask, the fused kernels that take one do not take GQA: repeat the KV heads as
+  // transformers' repeat_kv does (query head h reads KV head h / (heads / kv_heads)).
+  auto repeat = [&](const at::Tensor& x) {
+    if (heads == kv_heads) return x;
+    const int64_t B = x.size(0), T = x.size(2), D = x.size(3);
+    return x.unsqueeze(2).expand({B, kv_heads, heads / kv_heads, T, D}).reshape({B, heads, T, D});
+  };
+  return at::scaled_dot_product_attention(q, repeat(k), repeat(v), mask, 0.0, /*is_causal=*/false, scale);
+}
+
+}  // namespace
+
+at::Tensor decoder_layer(const at::Tensor& h, const DecoderLayerWeights& layer, const LlamaWeights& model,
+                         const AttentionInputs& attn, DequantScratch& scratch) {
+  const HFConfig& c = model.config;
+  const int64_t B = h.size(0), T = h.size(1), D = c.head_dim;
+
+  const at::Tensor x = rms_norm(h, layer.input_layernorm, c.rms_norm_eps);
+  at::Tensor q = linear_forward(x, layer.q_proj, scratch).view({B, T, c.num_attention_heads, D}).transpose(1, 2);
+  at::Tensor k = linear_forward(x, layer.k_proj, scratch).view({B, T, c.num_key_value_heads, D}).transpose(1, 2);
+  const at::Tensor v = linear_forward(x, layer.v_proj, scratch).view({B, T, c.num_key_value_heads, D}).transpose(1, 2);
+  q = apply_rotary(q, attn.cos, attn.sin);
+  k = apply_rotary(k, attn.cos, attn.sin);
+
+  at::Tensor mask = attn.mask;
+  if (layer.sliding_window > 0 && attn.sliding_mask.defined()) {
+    TORCH_CHECK(layer.sliding_window == attn.sliding_window, "decoder_layer: the layer's sliding window ", layer.sliding_window,
+                " differs from the one the attention inputs were built for (", attn.sliding_window, ")");
+    mask = attn.sliding_mask;
+  }
+  const at::Tensor o = attention(q, k, v, mask).transpose(1, 2).reshape({B, T, c.num_attention_heads * D});
+  const at::Tensor after_attn = h + linear_forward(o, layer.o_proj, scratch);
+
+  const at::Tensor y = rms_norm(after_attn, layer.post_attention_layernorm, c.rms_norm_eps);
+  const at::Tensor gate = at::silu(linear_forward(y, layer.gate_proj, scratch));
+  const at::Tensor up = linear_forward(y, layer.up_proj, scratch);
+  return after_attn + linear_forward(gate * up, layer.down_proj, scratch);
+}
+
+namespace {
+
+void check_inputs(const LlamaWeights& model, const ForwardInputs& in) {
+  const at::Tensor& ids = in.input_ids;
+  TORCH_CHECK(ids.defined() && ids.dim() == 2 && ids.scalar_type() == at::kLong,
+              "llama forward: input_ids must be int64 [batch, seq], found ",
+              ids.defined() ? c10::toString(ids.scalar_type()) : "undefined", ids.defined() ? ids.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(ids.size(1) > 0, "llama forward: input_ids has no tokens");
+  if (in.position_ids.defined())
+    TORCH_CHECK(in.position_ids.sizes() == ids.sizes(), "llama forward: position_ids has shape ", in.position_ids.sizes(),
+                ", expected the shape of input_ids ", ids.sizes());
+  // Token ids come from data; an id past the vocabulary is a data error, not a crash.
+  const auto [lo, hi] = at::aminmax(ids);
+  const int64_t mn = lo.item<int64_t>(), mx = hi.item<int64_t>();
+  if (mn < 0 || mx >= model.config.vocab_size)
+    throw UserError("token id " + std::to_string(mn < 0 ? mn : mx) + " is outside the vocabulary [0, " +
+                    std::to_string(model.config.vocab_size) + ")");
+}
+
+}  // namespace
+
+at::Tensor llama_hidden_states(const LlamaWeights& model, const ForwardInputs& inputs, DequantScratch& scratch) {
+  check_inputs(model, inputs);
+  const at::Tensor ids = inputs.input_ids.to(model.device);
+  const int64_t batch = ids.size(0), seq = ids.size(1);
+  at::Tensor h = at::embedding(model.embed_tokens, ids);
+  const AttentionInputs attn = attention_inputs(model, inputs.position_ids, batch, seq);
+  for (const DecoderLayerWeights& layer : model.layers) h = decoder_layer(h, layer, model, attn, scratch);
+  return rms_norm(h, model.norm, model.config.rms_norm_eps);
+}
+
+at::Tensor llama_logits(const LlamaWeights& model, const ForwardInputs& inputs, DequantScratch& scratch) {
+  return at::linear(llama_hidden_states(model, inputs, scratch), model.lm_head).to(at::kFloat);
+}
+
+}  // namespace qlora
