@@ -169,6 +169,9 @@ int run_bench_model(const ModelBenchOptions& o, const std::string& dtype_name, i
     cudaDeviceProp prop{};
     cudaGetDeviceProperties(&prop, c10::cuda::current_device());
     dev.name = prop.name;
+    // The caching allocator sets up its per-device state on the first CUDA allocation; its stats
+    // calls fail ("Invalid device argument") before that.
+    (void)at::empty({1}, at::TensorOptions(at::kFloat).device(at::kCUDA));
 #else
     throw UserError("qlora bench model: this build has no CUDA part (--device cpu runs tiny models on the CPU)");
 #endif
