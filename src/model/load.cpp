@@ -142,8 +142,8 @@ struct Loader {
     if (!ckpt.contains(name)) throw UserError(dir + ": tensor " + name + " is missing from the checkpoint");
   }
 
-  // A non-linear tensor (embedding, norm, bias, lm_head) in the compute dtype on the device. A
-  // bnb-4bit entry (e.g. a quantized lm_head) is dequantized.
+  // A tensor in the compute dtype on the device: embedding, norm, bias, lm_head, or a 16-bit
+  // linear weight about to be quantized. A bnb-4bit entry (e.g. a quantized lm_head) is dequantized.
   at::Tensor dense(const std::string& name, std::vector<int64_t> expected) {
     if (is_bnb4bit_weight(ckpt, name)) {
       NF4Tensor q = nf4_to_device(read_bnb4bit_weight(ckpt, name), opt.device);
@@ -183,15 +183,9 @@ struct Loader {
       // Dequantized in the stored dtype, then cast: what bitsandbytes' dequantize_4bit(...).to(dtype) gives.
       else w.dense = nf4_dequantize(q, q.dtype).to(opt.compute_dtype).contiguous();
     } else {
-      require(name);
-      used.insert(name);
-      const SafetensorsEntry& e = ckpt.entry(name);
-      check_shape(name, e.shape, expected);
-      if (!at::isFloatingType(e.scalar_type))
-        throw UserError(where(name) + ": " + name + ": expected a floating-point tensor, found dtype " + e.dtype);
-      // Cast to the compute dtype first (what from_pretrained(torch_dtype=compute) does before
+      // In the compute dtype first (what from_pretrained(torch_dtype=compute) does before
       // bitsandbytes quantizes), on the device, so that CUDA quantizes on the GPU.
-      at::Tensor t = ckpt.view(name).to(opt.device, /*non_blocking=*/false, /*copy=*/true).to(opt.compute_dtype).contiguous();
+      at::Tensor t = dense(name, expected);
       if (opt.load_in_4bit) w.nf4 = nf4_quantize(t, opt.blocksize, opt.double_quant);
       else w.dense = t;
     }
