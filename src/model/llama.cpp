@@ -47,13 +47,14 @@ AttentionInputs attention_inputs(const LlamaWeights& model, const at::Tensor& po
   std::tie(a.cos, a.sin) = rope_cos_sin(model.inv_freq, model.attention_scaling, position_ids, model.compute_dtype);
 
   const at::TensorOptions bool_opts = at::TensorOptions().dtype(at::kBool).device(model.device);
-  const at::Tensor causal = at::ones({seq, seq}, bool_opts).tril();  // [q, kv]: kv_idx <= q_idx
+  // [q, kv]: kv_idx <= q_idx; built only when a mask is needed (packed rows, sliding windows).
+  auto causal = [&] { return at::ones({seq, seq}, bool_opts).tril(); };
   // One host sync per forward: whether any row holds more than one document. Without packing
   // the mask stays undefined and SDPA runs is_causal (its fastest kernels, with GQA built in).
   if (position_ids_in.defined() && seq > 1) {
     const at::Tensor doc = document_ids(position_ids);
     if (doc.select(1, seq - 1).ne(0).any().item<bool>())
-      a.mask = causal.view({1, 1, seq, seq}) & (doc.view({batch, 1, seq, 1}) == doc.view({batch, 1, 1, seq}));
+      a.mask = causal().view({1, 1, seq, seq}) & (doc.view({batch, 1, seq, 1}) == doc.view({batch, 1, 1, seq}));
   }
   int64_t window = 0;
   for (const auto& layer : model.layers)
@@ -65,7 +66,7 @@ AttentionInputs attention_inputs(const LlamaWeights& model, const at::Tensor& po
   if (window > 0 && seq > window) {
     const at::Tensor idx = at::arange(seq, long_opts);
     const at::Tensor in_window = idx.view({1, seq}) > (idx.view({seq, 1}) - window);  // kv_idx > q_idx - window
-    const at::Tensor base = a.mask.defined() ? a.mask : causal.view({1, 1, seq, seq}).expand({batch, 1, seq, seq});
+    const at::Tensor base = a.mask.defined() ? a.mask : causal().view({1, 1, seq, seq}).expand({batch, 1, seq, seq});
     a.sliding_mask = base & in_window.view({1, 1, seq, seq});
     a.sliding_window = window;
   }
