@@ -12,4 +12,9 @@ TORCH_LIBRARY(qlora, m) {
         "int blocksize, SymInt[] shape, ScalarType dtype) -> Tensor");
   m.def("nf4_dequantize.out(Tensor packed, Tensor absmax, Tensor absmax2, Tensor code2, Tensor offset, "
         "int blocksize, SymInt[] shape, ScalarType dtype, *, Tensor(a!) out) -> ()");
+  // Fused chunked linear + cross-entropy: see include/qlora/flce.h. Returns fp32: a scalar (mean,
+  // sum) or per-token losses [N] (none).
+  m.def("fused_linear_cross_entropy(Tensor x, Tensor w, Tensor labels, int ignore_index=-100, "
+        "str reduction=\"mean\", float normalizer=0., float logit_scale=1., float softcap=0., float z_loss=0., "
+        "int chunk_size=0) -> Tensor");
 }
