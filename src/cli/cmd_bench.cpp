@@ -1,6 +1,6 @@
 // qlora bench OP: time a kernel next to the plain-libtorch way of doing the same thing, in the
 // same process, on the current CUDA device. Ops: nf4 (the single-pass NF4 dequant); model (the
-// decoder end to end: src/cli/bench_model.cpp).
+// decoder end to end: src/cli/bench_model.cpp); flce (fused linear cross-entropy: bench_flce.cpp).
 //
 // Method (why): every figure is a median over --iters samples; each sample is one pass over
 // several input/output sets in rotation (enough sets that their bytes are >= 4x the L2 cache, so
@@ -278,19 +278,24 @@ CommandFn add_bench_command(CLI::App& app) {
   auto* sub = app.add_subcommand("bench", "benchmark a kernel against plain libtorch, in the same process: "
                                           "qlora bench nf4 [--dtype bf16|fp16|all] [--iters N] [--json FILE]; "
                                           "the decoder: qlora bench model MODEL_DIR [--seq 2048] [--batch 1] "
-                                          "[--dtype bf16] [--iters 5] [--no-4bit] [--device cuda|cpu] [--json FILE]");
-  sub->add_option("op", st->op, "what to measure: nf4 (NF4 dequantize), model (load + forward, bench_model.cpp)")
+                                          "[--dtype bf16] [--iters 5] [--no-4bit] [--device cuda|cpu] [--json FILE]; "
+                                          "fused linear cross-entropy: qlora bench flce [--iters 5] [--cases all|small] "
+                                          "[--json FILE]");
+  sub->add_option("op", st->op, "what to measure: nf4 (NF4 dequantize), model (load + forward, bench_model.cpp), "
+                                 "flce (fused linear cross-entropy, bench_flce.cpp)")
       ->required()
-      ->check(CLI::IsMember({"nf4", "model"}));
+      ->check(CLI::IsMember({"nf4", "model", "flce"}));
   sub->add_option("--dtype", st->dtype, "output dtype(s); model: the compute dtype (all = bf16)")
       ->check(CLI::IsMember({"bf16", "fp16", "fp32", "all"}))
       ->capture_default_str();
-  auto* iters = sub->add_option("--iters", st->iters, "timed samples per measurement (median); model: default 5");
+  auto* iters = sub->add_option("--iters", st->iters, "timed samples per measurement (median); model, flce: default 5");
   iters->capture_default_str();
   sub->add_option("--json", st->json_path, "also write the results to this JSON file");
   BenchModelFn bench_model = add_bench_model_options(*sub);
-  return [st, iters, bench_model] {
+  BenchFlceFn bench_flce = add_bench_flce_options(*sub);
+  return [st, iters, bench_model, bench_flce] {
     if (st->op == "model") return bench_model(st->dtype, iters->count() > 0 ? st->iters : 0, st->json_path);
+    if (st->op == "flce") return bench_flce(iters->count() > 0 ? st->iters : 0, st->json_path);
     if (st->dtype == "fp32") throw UserError("qlora bench nf4: --dtype must be bf16, fp16 or all (fp32 is for bench model)");
     return bench_nf4(*st);
   };

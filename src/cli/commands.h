@@ -21,6 +21,11 @@ CommandFn add_inspect_command(CLI::App& app);
 using BenchModelFn = std::function<int(const std::string& dtype, int iters, const std::string& json_path)>;
 BenchModelFn add_bench_model_options(CLI::App& bench);
 
+// qlora bench flce (bench_flce.cpp): adds --cases; the returned function runs it with bench's
+// --iters (0 when not given) and --json values.
+using BenchFlceFn = std::function<int(int iters, const std::string& json_path)>;
+BenchFlceFn add_bench_flce_options(CLI::App& bench);
+
 // A subcommand whose implementation has not landed: it has --help and says plainly that it is
 // not implemented yet (exit status 2).
 CommandFn add_pending_command(CLI::App& app, const std::string& name, const std::string& description,
