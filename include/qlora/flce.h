@@ -49,8 +49,10 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_chunk_reference(at::Tensor& log
                                                                  const FlceOptions& options, double grad_scale);
 
 // Rows per chunk for N rows of a V-wide vocabulary in `dtype` on `device`: options.chunk_size when
-// > 0, else from free device memory (CUDA) or a fixed budget (CPU). Always in [1, max(N,1)].
-int64_t flce_chunk_rows(int64_t N, int64_t V, at::ScalarType dtype, const at::Device& device, int64_t chunk_size);
+// > 0, else from free device memory (CUDA) or a fixed budget (CPU); larger chunks when W is
+// trainable (its dW GEMM is slow at small chunks). Always in [1, max(N,1)].
+int64_t flce_chunk_rows(int64_t N, int64_t V, at::ScalarType dtype, const at::Device& device, int64_t chunk_size,
+                        bool w_trainable = false);
 
 // ---- generic form ------------------------------------------------------------------------------
 

@@ -232,7 +232,7 @@ int run_bench_flce(const FlceBenchOptions& o, int iters_given, const std::string
           drop_grads();
           c10::cuda::CUDACachingAllocator::emptyCache();
           // What the automatic choice gives now (free memory after the cache was emptied, as in the run).
-          const int64_t rows = flce_chunk_rows(c.N, c.V, at::kBFloat16, X.device(), chunk);
+          const int64_t rows = flce_chunk_rows(c.N, c.V, at::kBFloat16, X.device(), chunk, trainable);
           const std::string chunk_label = chunk == 0 ? "auto (" + std::to_string(rows) + ")" : std::to_string(chunk);
           const double rel = (!ours.oom && !unfused.oom) ? std::abs(ours.loss - unfused.loss) / std::abs(unfused.loss) : NAN;
 

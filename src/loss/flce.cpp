@@ -165,7 +165,7 @@ void cross_entropy_chunk_cuda(at::Tensor& logits, const at::Tensor& labels, cons
 // into `grads` where defined.
 at::Tensor ce_pass(const at::Tensor& X, const at::Tensor& W, const at::Tensor& labels, const FlceOptions& o,
                    const at::Tensor& row_weight, Grads& grads) {
-  const int64_t rows = flce_chunk_rows(X.size(0), W.size(0), X.scalar_type(), X.device(), o.chunk_size);
+  const int64_t rows = flce_chunk_rows(X.size(0), W.size(0), X.scalar_type(), X.device(), o.chunk_size, grads.dw.defined());
   at::Tensor loss_rows = at::empty({X.size(0)}, X.options().dtype(at::kFloat));
   const double grad_scale = (grads.dx.defined() || grads.dw.defined()) ? 1.0 : 0.0;
   chunk_loop(X, W, labels.contiguous(), rows, grads, [&](at::Tensor& logits, const at::Tensor& lab, int64_t b, int64_t n) {
@@ -263,7 +263,7 @@ struct FlceFunction : torch::autograd::Function<FlceFunction> {
 struct ChunkLossFunction : torch::autograd::Function<ChunkLossFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& X, const at::Tensor& W, const at::Tensor& labels,
                             const ChunkLoss& fn, int64_t chunk_size, double divide_by, bool need_dx, bool need_dw) {
-    const int64_t rows = flce_chunk_rows(X.size(0), W.size(0), X.scalar_type(), X.device(), chunk_size);
+    const int64_t rows = flce_chunk_rows(X.size(0), W.size(0), X.scalar_type(), X.device(), chunk_size, need_dw);
     Grads grads = make_grads(X, W, need_dx, need_dw);
     at::Tensor total = at::zeros({}, X.options().dtype(at::kFloat));
     chunk_loop(X, W, labels, rows, grads, [&](at::Tensor& logits, const at::Tensor& lab, int64_t, int64_t) {
