@@ -44,6 +44,7 @@
 #include <type_traits>
 
 #include "cross_entropy.cuh"
+#include "float_convert.cuh"
 
 namespace qlora::kernels {
 namespace {
@@ -70,25 +71,6 @@ struct Params {
   float grad_scale;
   const float* grad_row_scale;  // optional
 };
-
-// ---- element conversion -------------------------------------------------------------------------
-template <typename T>
-__device__ __forceinline__ float to_f(T v);
-template <>
-__device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 template <typename T>
 constexpr int kVec = 16 / static_cast<int>(sizeof(T));
@@ -238,7 +220,7 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_chunk_kernel(Params p)
       if (p.lse) p.lse[r] = 0.f;
     }
     if (p.grad_scale != 0.f) {
-      const T zero = from_f<T>(0.f);
+      const T zero = from_float<T>(0.f);
       for (int i = tid; i < rs.head; i += kThreads) row[i] = zero;
       for (int i = tid; i < rs.nvec; i += kThreads) vrow[i] = make_uint4(0, 0, 0, 0);
       for (int i = rs.body_end + tid; i < p.vocab; i += kThreads) row[i] = zero;
@@ -251,14 +233,14 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_chunk_kernel(Params p)
   float z_label = NAN;
   if (tid == 0 && label_ok) {
     float t;
-    z_label = logit_z<SOFTCAP>(p, to_f<T>(row[label]), t);
+    z_label = logit_z<SOFTCAP>(p, to_float<T>(row[label]), t);
   }
 
   // ---- pass 1: online max / sum-exp --------------------------------------------------------------
   OnlineLse acc;
   for (int i = tid; i < rs.head; i += kThreads) {
     float t;
-    const float y[1] = {logit_y<SOFTCAP>(p, to_f<T>(row[i]), t)};
+    const float y[1] = {logit_y<SOFTCAP>(p, to_float<T>(row[i]), t)};
     acc.add(y);
   }
   for (int i0 = tid; i0 < rs.nvec; i0 += kThreads * kUnroll) {
@@ -282,7 +264,7 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_chunk_kernel(Params p)
   }
   for (int i = rs.body_end + tid; i < p.vocab; i += kThreads) {
     float t;
-    const float y[1] = {logit_y<SOFTCAP>(p, to_f<T>(row[i]), t)};
+    const float y[1] = {logit_y<SOFTCAP>(p, to_float<T>(row[i]), t)};
     acc.add(y);
   }
 
@@ -326,7 +308,7 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_chunk_kernel(Params p)
     if constexpr (SOFTCAP) g *= (1.f - t) * (1.f + t);  // 1 - tanh^2
     return g;
   };
-  for (int i = tid; i < rs.head; i += kThreads) row[i] = from_f<T>(grad(to_f<T>(row[i]), i));
+  for (int i = tid; i < rs.head; i += kThreads) row[i] = from_float<T>(grad(to_float<T>(row[i]), i));
   for (int i0 = tid; i0 < rs.nvec; i0 += kThreads * kUnroll) {
     uint4 v[kUnroll];
 #pragma unroll
@@ -345,7 +327,7 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_chunk_kernel(Params p)
       }
     }
   }
-  for (int i = rs.body_end + tid; i < p.vocab; i += kThreads) row[i] = from_f<T>(grad(to_f<T>(row[i]), i));
+  for (int i = rs.body_end + tid; i < p.vocab; i += kThreads) row[i] = from_float<T>(grad(to_float<T>(row[i]), i));
 }
 
 template <typename T>

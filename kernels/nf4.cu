@@ -8,7 +8,7 @@
 // dequantize_4bit: bitsandbytes/functional.py, dequantize_4bit). Here one kernel reads the packed
 // nibbles and the 8-bit absmax codes and writes the output; the fp32 absmax of a 64-block is
 // rebuilt in registers (code2 lives in shared memory) with the same two fp32 roundings:
-//   am = code2[q] * absmax2[b >> log2(nbs)];  am = am + offset;  out = cvt_rn(NF4[n] * am)
+//   am = code2[q] * absmax2[b >> log2(nbs)];  am = am + offset;  out = from_float(NF4[n] * am)
 // Bytes moved per element (nested): 0.5 (packed) + 1/blocksize (absmax code; 1/64) +
 // 4/(blocksize * nbs) (fp32 absmax2, 1/4096) + sizeof(out) (2 for fp16/bf16, 4 for fp32): 2.516 B
 // for bf16 out with blocksize 64; not nested, the absmax is fp32: 4/blocksize instead of 1/64. Constraints: blocksize a power of two in 32..4096 (so an aligned run of 8 or 32
@@ -32,6 +32,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "float_convert.cuh"
 #include "nf4.cuh"
 #include "nf4_common.cuh"
 
@@ -59,16 +60,6 @@ __host__ __device__ constexpr int ilog2(int v) {
   return r;
 }
 bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
-
-// ---- output conversion: round to nearest even, as bnb's implicit float -> T conversion ----------
-template <typename T>
-__device__ __forceinline__ T cvt_rn(float v);
-template <>
-__device__ __forceinline__ float cvt_rn<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half cvt_rn<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 cvt_rn<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Eight consecutive outputs with 16-byte stores (one for fp16/bf16, two for fp32). The paired
 // conversions are one cvt.rn.{bf16,f16}x2.f32 instruction on sm_80+ (round to nearest even, the
@@ -195,7 +186,7 @@ __device__ __forceinline__ void store_tile(const DequantParams& p, int64_t tile,
         const int64_t e = e0 + i;
         const uint32_t byte = p.packed[e >> 1];
         const uint32_t code = (e & 1) ? (byte & 15u) : (byte >> 4);
-        out[e] = cvt_rn<T>(fmul_rn(s_nf4[code], am));
+        out[e] = from_float<T>(fmul_rn(s_nf4[code], am));
       }
     }
   }
@@ -238,13 +229,6 @@ cudaError_t launch_dequant(const DequantParams& p, int variant, bool aligned, cu
 
 // ---- quantize: one warp per block of `blocksize` elements -------------------------------------
 constexpr int kQuantWarps = 8;
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 __device__ __forceinline__ float warp_max(float m) {
   // fmaxf is exact and, for non-NaN values, order-independent; it drops NaN as the fold does.

@@ -32,6 +32,8 @@ __attribute__((weak)) cudaError_t cross_entropy_chunk(const CrossEntropyChunkArg
 }  // namespace qlora::kernels
 #endif
 
+#include "test_cuda_util.h"
+
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/generators/catch_generators.hpp>
 #include <catch2/generators/catch_generators_range.hpp>
@@ -45,20 +47,10 @@ __attribute__((weak)) cudaError_t cross_entropy_chunk(const CrossEntropyChunkArg
 
 namespace {
 
-#ifdef QLORA_WITH_CUDA
-#define QLORA_REQUIRE_CUDA() \
-  if (!at::hasCUDA()) SKIP("no CUDA device")
-#else
-#define QLORA_REQUIRE_CUDA() SKIP("CPU-only build (QLORA_WITH_CUDA is off)")
-#endif
+using qlora::test::fresh_seed;
 
 #ifdef QLORA_WITH_CUDA  // the helpers below only serve the GPU tests
 
-uint64_t fresh_seed() {
-  if (const char* s = std::getenv("QLORA_TEST_SEED")) return std::strtoull(s, nullptr, 10);
-  std::random_device rd;
-  return (uint64_t{rd()} << 32) | rd();
-}
 
 struct Options {
   float logit_scale = 1.0f;

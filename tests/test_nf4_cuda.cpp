@@ -16,6 +16,8 @@
 #include "../kernels/nf4.cuh"  // the launcher itself, to test the bench-only launch variants
 #endif
 
+#include "test_cuda_util.h"
+
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/generators/catch_generators.hpp>
 #include <catch2/generators/catch_generators_range.hpp>
@@ -28,18 +30,8 @@
 
 namespace {
 
-#ifdef QLORA_WITH_CUDA
-#define QLORA_REQUIRE_CUDA() \
-  if (!at::hasCUDA()) SKIP("no CUDA device")
-#else
-#define QLORA_REQUIRE_CUDA() SKIP("CPU-only build (QLORA_WITH_CUDA is off)")
-#endif
+using qlora::test::fresh_seed;
 
-uint64_t fresh_seed() {
-  if (const char* s = std::getenv("QLORA_TEST_SEED")) return std::strtoull(s, nullptr, 10);
-  std::random_device rd;
-  return (uint64_t{rd()} << 32) | rd();
-}
 
 // Random weights that exercise the interesting paths: a per-block scale spread over 6 decades,
 // an all-zero block (absmax 0: the 0 * inf = NaN path gives code 0), a block with one non-zero
