@@ -16,6 +16,7 @@
 #include <string>
 
 #include "test_util.h"
+#include "tiny_llama.h"
 
 using Catch::Matchers::ContainsSubstring;
 namespace fs = std::filesystem;
@@ -36,33 +37,6 @@ json tiny_config(const std::string& model_type = "llama", bool tied = false, int
     c["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0}, {"low_freq_factor", 1.0}, {"high_freq_factor", 4.0},
                          {"original_max_position_embeddings", 128}};
   return c;
-}
-
-// The tensors of that model; Qwen2 adds q/k/v biases; tied models have no lm_head.weight.
-qlora::NamedTensors tiny_tensors(bool qkv_bias, bool tied) {
-  qlora::NamedTensors ts;
-  auto add = [&](const std::string& n, std::vector<int64_t> shape) { ts.emplace_back(n, (at::randn(shape) * 0.05).to(at::kBFloat16)); };
-  add("model.embed_tokens.weight", {100, 64});
-  for (int l = 0; l < 2; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    add(p + "input_layernorm.weight", {64});
-    add(p + "post_attention_layernorm.weight", {64});
-    add(p + "self_attn.q_proj.weight", {64, 64});
-    add(p + "self_attn.k_proj.weight", {32, 64});
-    add(p + "self_attn.v_proj.weight", {32, 64});
-    add(p + "self_attn.o_proj.weight", {64, 64});
-    if (qkv_bias) {
-      add(p + "self_attn.q_proj.bias", {64});
-      add(p + "self_attn.k_proj.bias", {32});
-      add(p + "self_attn.v_proj.bias", {32});
-    }
-    add(p + "mlp.gate_proj.weight", {96, 64});
-    add(p + "mlp.up_proj.weight", {96, 64});
-    add(p + "mlp.down_proj.weight", {64, 96});
-  }
-  add("model.norm.weight", {64});
-  if (!tied) add("lm_head.weight", {100, 64});
-  return ts;
 }
 
 void write_model(const fs::path& dir, const json& config, const qlora::NamedTensors& ts, int64_t shard_bytes = 0) {
@@ -102,7 +76,7 @@ void check_user_error(const std::string& args, const std::string& expected) {
 
 TEST_CASE("inspect a 16-bit Llama folder: config, tensor kinds, counts, memory", "[inspect]") {
   TempDir tmp("qlora_inspect");
-  write_model(tmp / "m", tiny_config(), tiny_tensors(false, false));
+  write_model(tmp / "m", tiny_config(), qlora::test::tiny_llama_tensors());
 
   const json r = inspect_json(tmp / "m");
   CHECK(r["kind"] == "model");
@@ -151,7 +125,7 @@ TEST_CASE("inspect a 16-bit Llama folder: config, tensor kinds, counts, memory",
 
 TEST_CASE("inspect a sharded folder and its bnb-4bit versions", "[inspect]") {
   TempDir tmp("qlora_inspect");
-  const qlora::NamedTensors ts = tiny_tensors(false, false);
+  const qlora::NamedTensors ts = qlora::test::tiny_llama_tensors();
   write_model(tmp / "sharded", tiny_config(), ts, 40000);
   const json s = inspect_json(tmp / "sharded");
   CHECK(s["files"]["sharded"] == true);
@@ -200,7 +174,7 @@ TEST_CASE("inspect a sharded folder and its bnb-4bit versions", "[inspect]") {
 
 TEST_CASE("inspect a tied Qwen2 with q/k/v biases", "[inspect]") {
   TempDir tmp("qlora_inspect");
-  write_model(tmp / "m", tiny_config("qwen2", true), tiny_tensors(true, true));
+  write_model(tmp / "m", tiny_config("qwen2", true), qlora::test::tiny_llama_tensors(at::kBFloat16, /*qkv_bias=*/true, /*tied=*/true));
   const json r = inspect_json(tmp / "m");
   // kTotal without lm_head (6400) plus the q/k/v biases (64 + 32 + 32 per layer)
   CHECK(r["parameters"]["total"] == kTotal - 6400 + 2 * 128);
@@ -213,7 +187,7 @@ TEST_CASE("inspect a tied Qwen2 with q/k/v biases", "[inspect]") {
 
 TEST_CASE("inspect reports a checkpoint that disagrees with its config.json", "[inspect]") {
   TempDir tmp("qlora_inspect");
-  write_model(tmp / "m", tiny_config("llama", false, 3), tiny_tensors(false, false));
+  write_model(tmp / "m", tiny_config("llama", false, 3), qlora::test::tiny_llama_tensors());
   const auto t = run_qlora("inspect '" + (tmp / "m").string() + "'");
   INFO(t.output);
   CHECK(t.status == 0);  // inspect describes; the loader is the one to refuse
@@ -270,7 +244,7 @@ TEST_CASE("inspect: bad input is one line and exit status 2", "[inspect]") {
 
 TEST_CASE("bench model on the CPU: a table, the JSON, and its user errors", "[bench]") {
   TempDir tmp("qlora_bench_model");
-  write_model(tmp / "m", tiny_config(), tiny_tensors(false, false));
+  write_model(tmp / "m", tiny_config(), qlora::test::tiny_llama_tensors());
   const std::string dir = "'" + (tmp / "m").string() + "'";
   const auto r = run_qlora("bench model " + dir + " --device cpu --seq 8 --batch 2 --iters 2 --json '" +
                            (tmp / "b.json").string() + "'");
@@ -301,7 +275,7 @@ TEST_CASE("bench model on the CPU: a table, the JSON, and its user errors", "[be
 TEST_CASE("bench model on CUDA: a tiny model, NF4 and 16-bit", "[bench][cuda]") {
   if (!at::hasCUDA()) SKIP("no CUDA device");
   TempDir tmp("qlora_bench_model");
-  write_model(tmp / "m", tiny_config(), tiny_tensors(false, false));
+  write_model(tmp / "m", tiny_config(), qlora::test::tiny_llama_tensors());
   for (const char* extra : {"", " --no-4bit", " --dtype fp16"}) {
     const auto r = run_qlora("bench model '" + (tmp / "m").string() + "' --seq 64 --batch 2 --iters 2" + extra +
                              " --json '" + (tmp / "b.json").string() + "'");

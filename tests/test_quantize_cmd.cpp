@@ -17,6 +17,7 @@
 #include <fstream>
 
 #include "test_util.h"
+#include "tiny_llama.h"
 
 
 using Catch::Matchers::ContainsSubstring;
@@ -45,23 +46,7 @@ json tiny_config() {
 
 // A 2-layer Llama checkpoint written by our writer; `shard_bytes` > 0 writes it sharded.
 qlora::NamedTensors make_checkpoint(const fs::path& dir, int64_t shard_bytes, at::ScalarType dt = at::kBFloat16) {
-  qlora::NamedTensors ts;
-  auto add = [&](const std::string& n, std::vector<int64_t> shape) { ts.emplace_back(n, (at::randn(shape) * 0.05).to(dt)); };
-  add("model.embed_tokens.weight", {100, 64});
-  for (int l = 0; l < 2; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    add(p + "input_layernorm.weight", {64});
-    add(p + "post_attention_layernorm.weight", {64});
-    add(p + "self_attn.q_proj.weight", {64, 64});
-    add(p + "self_attn.k_proj.weight", {32, 64});
-    add(p + "self_attn.v_proj.weight", {32, 64});
-    add(p + "self_attn.o_proj.weight", {64, 64});
-    add(p + "mlp.gate_proj.weight", {96, 64});
-    add(p + "mlp.up_proj.weight", {96, 64});
-    add(p + "mlp.down_proj.weight", {64, 96});
-  }
-  add("model.norm.weight", {64});
-  add("lm_head.weight", {100, 64});
+  const qlora::NamedTensors ts = qlora::test::tiny_llama_tensors(dt);
   if (shard_bytes > 0) qlora::save_safetensors_sharded(dir, ts, shard_bytes);
   else qlora::save_safetensors(dir / "model.safetensors", ts);
   write_file(dir / "config.json", tiny_config().dump(2));

@@ -71,9 +71,9 @@ except ImportError:
     bnbF = None
 
 transformers.utils.logging.disable_progress_bar()
+from oracle_common import LINEAR  # noqa: E402
+
 TF_MAJOR = int(transformers.__version__.split(".")[0])
-LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 DTYPE_NAME = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 B, T = 2, 17
@@ -162,7 +162,7 @@ def dequantized_linears(qdir, use_bnb):
     e = st.load_file(os.path.join(qdir, "model.safetensors"))
     out = {}
     for k, v in e.items():
-        if not (k.endswith(".weight") and any(k.endswith(l + ".weight") for l in LINEARS)):
+        if not (k.endswith(".weight") and any(k.endswith(l + ".weight") for l in LINEAR)):
             continue
         qs_dict = {kk[len(k) + 1:]: vv for kk, vv in e.items() if kk.startswith(k + ".")}
         if use_bnb:

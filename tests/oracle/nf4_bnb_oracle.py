@@ -28,10 +28,9 @@ import time
 import numpy as np
 import torch
 
-NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-       0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-       0.7229568362236023, 1.0]
+import oracle_common
+
+NF4 = oracle_common.NF4.tolist()
 # The thresholds of bnb's dQuantizeNF4 tree (csrc/kernels.cu; the same literals as
 # kernels/nf4_common.cuh), ascending; a value goes above a threshold only when strictly greater.
 NF4_THRESHOLDS = np.array([-0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544,

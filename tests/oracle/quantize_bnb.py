@@ -30,15 +30,7 @@ except ImportError as e:
     print(f"SKIP: {e} (pip install --target DIR bitsandbytes packaging safetensors; PYTHONPATH=DIR)")
     sys.exit(77)
 
-LINEAR = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-failures = []
-
-
-def check(cond, what):
-    if not cond:
-        failures.append(what)
-        print("FAIL:", what)
+from oracle_common import LINEAR, check, failures  # noqa: E402 (after the package check)
 
 
 def part_a(tests_bin, tmp):
