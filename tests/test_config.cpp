@@ -112,6 +112,7 @@ resume_from_checkpoint: out/x/checkpoint-50
   CHECK(c.lora_dropout == 0.1);
   CHECK(c.lora_target_modules == std::vector<std::string>{"q_proj", "v_proj"});
   CHECK_FALSE(c.lora_target_linear);
+  CHECK_FALSE(c.use_rslora);
   REQUIRE(c.datasets.size() == 4);
   CHECK(c.datasets[0].type == DatasetType::alpaca);
   CHECK(c.datasets[1].type == DatasetType::chat_template);
@@ -312,4 +313,71 @@ TEST_CASE("nearest_name", "[config]") {
   CHECK(nearest_name("lroa_r", names) == "lora_r");
   CHECK(nearest_name("LEARNING_RATE", names).empty());
   CHECK(nearest_name("xyz", names).empty());
+}
+
+TEST_CASE("data keys: dataset types, aliases, fields and the preparation options", "[config]") {
+  SECTION("defaults") {
+    const TrainConfig c = parse_config(kMinimal, "t.yaml");
+    CHECK(c.datasets[0].field_messages == "messages");
+    CHECK(c.datasets[0].field_tools == "tools");
+    CHECK(c.dataset_num_proc == 0);
+    CHECK(c.shuffle_merged_datasets);
+    CHECK_FALSE(c.skip_bad_lines);
+    CHECK(c.dataset_prepared_path.empty());
+  }
+  SECTION("every data key is read and printed back") {
+    const std::string yaml = R"(base_model: m
+datasets:
+  - {path: a.jsonl, type: text, field: body}
+  - {path: b.jsonl, type: chat, field_messages: conversations, field_tools: functions}
+  - {path: c.jsonl, type: input_ids}
+  - {path: d.txt}
+dataset_num_proc: 3
+shuffle_merged_datasets: false
+skip_bad_lines: true
+dataset_prepared_path: /tmp/prep
+)";
+    const TrainConfig c = parse_config(yaml, "t.yaml");
+    REQUIRE(c.datasets.size() == 4);
+    CHECK(c.datasets[0].type == DatasetType::completion);
+    CHECK(c.datasets[0].field == "body");
+    CHECK(c.datasets[1].type == DatasetType::chat_template);
+    CHECK(c.datasets[1].field_messages == "conversations");
+    CHECK(c.datasets[1].field_tools == "functions");
+    CHECK(c.datasets[2].type == DatasetType::pretokenized);
+    CHECK(c.datasets[3].type == DatasetType::completion);
+    CHECK(c.dataset_num_proc == 3);
+    CHECK_FALSE(c.shuffle_merged_datasets);
+    CHECK(c.skip_bad_lines);
+    CHECK(c.dataset_prepared_path == "/tmp/prep");
+    const std::string resolved = config_to_yaml(c);
+    CHECK_THAT(resolved, ContainsSubstring("type: completion"));   // aliases print canonically
+    CHECK_THAT(resolved, ContainsSubstring("type: chat_template"));
+    CHECK_THAT(resolved, ContainsSubstring("field_tools: functions"));
+    const TrainConfig back = parse_config(resolved, "resolved.yaml");
+    CHECK(config_to_yaml(back) == resolved);
+    CHECK(back.datasets[1].field_tools == "functions");
+    CHECK(back.dataset_prepared_path == "/tmp/prep");
+  }
+  SECTION("errors") {
+    CHECK_THAT(error_of(kMinimal + "dataset_num_proc: -1\n"), ContainsSubstring("dataset_num_proc: expected an integer in [0,"));
+    CHECK_THAT(error_of(kMinimal + "skip_bad_lines: sometimes\n"), ContainsSubstring("skip_bad_lines: expected true or false"));
+    CHECK_THAT(error_of(kMinimal + "shuffle_merged_dataset: true\n"),
+               ContainsSubstring("did you mean 'shuffle_merged_datasets'?"));
+    CHECK_THAT(error_of("base_model: m\ndatasets:\n  - {path: a.jsonl, field_tool: x}\n"),
+               ContainsSubstring("datasets[0].field_tool: unknown key (did you mean 'field_tools'?)"));
+    CHECK_THAT(error_of("base_model: m\ndatasets:\n  - {path: a.jsonl, field: ''}\n"),
+               ContainsSubstring("datasets[0].field: expected a JSON field name"));
+    CHECK_THAT(error_of("base_model: m\ndatasets:\n  - {path: a.txt, type: alpaca}\n"),
+               ContainsSubstring("t.yaml:3:25: datasets[0].type: a .txt file holds one completion example per line"));
+    CHECK_THAT(error_of("base_model: m\ndatasets:\n  - {path: a, type: sharegpt}\n"),
+               ContainsSubstring("text, chat, input_ids"));
+  }
+  SECTION("the key listing documents them") {
+    const std::string keys = describe_config_keys();
+    for (const char* k : {"dataset_num_proc", "shuffle_merged_datasets", "skip_bad_lines", "dataset_prepared_path"})
+      CHECK_THAT(keys, ContainsSubstring(std::string(k) + "  ("));
+    CHECK_THAT(keys, ContainsSubstring("a .txt file is read as completion data, one example per non-empty line"));
+    CHECK_THAT(keys, ContainsSubstring("shuffle_merged_datasets  (true | false, default true)"));
+  }
 }

@@ -20,6 +20,7 @@ struct DatasetConfig {
   DatasetType type = DatasetType::completion;
   std::string field = "text";             // completion: the text field
   std::string field_messages = "messages";  // chat_template: the list of {role, content}
+  std::string field_tools = "tools";      // chat_template: optional OpenAI-style tools list
 };
 
 // The seven projections of a Llama-family decoder layer that LoRA can target.
@@ -38,6 +39,7 @@ struct TrainConfig {
   double lora_dropout = 0.05;
   std::vector<std::string> lora_target_modules = all_lora_target_modules();
   bool lora_target_linear = false;        // true: all seven projections, whatever the list says
+  bool use_rslora = false;                // scale = lora_alpha / sqrt(lora_r) instead of / lora_r
   // --- data ---
   std::vector<DatasetConfig> datasets;    // at least one (required)
   int sequence_len = 2048;
@@ -45,6 +47,11 @@ struct TrainConfig {
   double val_set_size = 0.0;              // < 1: fraction of the data; >= 1: number of examples
   std::string chat_template;              // empty: the tokenizer's own template
   bool train_on_inputs = false;           // false: loss only on outputs / assistant turns
+  int dataset_num_proc = 0;               // tokenizer threads; 0: all cores
+  bool shuffle_merged_datasets = true;    // shuffle the concatenated datasets by seed
+  bool skip_bad_lines = false;            // false: a broken record is an error naming file:line;
+                                          // true: skipped, counted, one warning with the count
+  std::string dataset_prepared_path;      // tokenized-data cache; empty: output_dir/prepared
   // --- training ---
   int micro_batch_size = 1;
   int gradient_accumulation_steps = 1;

@@ -5,6 +5,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <nlohmann/json_fwd.hpp>
+
 #include <cstdint>
 #include <filesystem>
 #include <string>
@@ -43,6 +45,16 @@ struct DataContext {
 // mistyped field.
 TokenizedExample tokenize_record(const std::string& record_json, const DatasetConfig& dataset,
                                  const DataContext& context, const std::string& where);
+// The same on an already parsed record; `truncated` (when given) says whether the example was cut
+// to sequence_len.
+TokenizedExample tokenize_json(const nlohmann::ordered_json& record, const DatasetConfig& dataset, const DataContext& context,
+                               const std::string& where, bool* truncated = nullptr);
+
+// The context prepare_data uses for `config`: the chat template is config.chat_template (a name
+// or a .jinja file, recognised by its markers), else the one detected from the tokenizer's own
+// template; a UserError asking for chat_template when a chat dataset needs one and neither
+// works. bos_token from the tokenizer.
+DataContext make_data_context(const TrainConfig& config, const Tokenizer& tokenizer);
 
 struct DatasetStats {
   int64_t records = 0;              // examples kept, all datasets
@@ -50,7 +62,9 @@ struct DatasetStats {
   int64_t truncated = 0;            // examples cut to sequence_len
   int64_t tokens = 0;
   int64_t trainable_tokens = 0;     // labels != kIgnoreLabel
-  double tokenize_seconds = 0.0;
+  int64_t dropped = 0;              // examples without a single trained target (left out)
+  int64_t bytes = 0;                // bytes of data files read
+  double tokenize_seconds = 0.0;    // splitting, parsing and tokenizing records (0 when read from the cache)
   int threads = 1;
 };
 
@@ -69,6 +83,25 @@ struct PreparedData {
 // and caches the result under `cache_dir` (empty: no cache).
 PreparedData prepare_data(const TrainConfig& config, const Tokenizer& tokenizer,
                           const std::filesystem::path& cache_dir);
+
+// dataset_prepared_path, else output_dir/prepared.
+std::filesystem::path prepared_data_dir(const TrainConfig& config);
+
+// ---- the cache (src/data/data_cache.cpp): one binary file per key, prepared_data_dir/<key>.qdata
+// FNV-1a 64-bit, chainable: fnv1a64(b, nb, fnv1a64(a, na)) hashes a then b.
+inline constexpr uint64_t kFnv1a64Offset = 0xcbf29ce484222325ull;
+uint64_t fnv1a64(const void* data, size_t size, uint64_t hash = kFnv1a64Offset);
+// Hex key over everything the prepared data depends on: every data file's bytes (`file_bytes`,
+// in config.datasets order), the tokenizer (vocab, special ids, encodings of probe strings), the
+// chat template, sequence_len, train_on_inputs, the dataset entries, val_set_size, seed, the
+// shuffle flag, skip_bad_lines and a format version.
+std::string data_cache_key(const TrainConfig& config, const Tokenizer& tokenizer, const DataContext& context,
+                           const std::vector<std::string>& file_bytes);
+std::filesystem::path data_cache_file(const std::filesystem::path& cache_dir, const std::string& key);
+// Atomic write (temp file + rename) of train, val and stats, with magic, version, key and checksum.
+void write_data_cache(const std::filesystem::path& path, const PreparedData& data);
+// false (and `why`) when the file is missing, truncated, corrupt or for another key: never trusted.
+bool read_data_cache(const std::filesystem::path& path, const std::string& key, PreparedData& data, std::string& why);
 
 // How examples become micro-batches.
 struct BatchingOptions {

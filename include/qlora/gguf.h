@@ -29,6 +29,10 @@ enum class GgmlType : uint32_t {
   q2_k = 10, q3_k = 11, q4_k = 12, q5_k = 13, q6_k = 14, q8_k = 15, bf16 = 30,
 };
 std::string ggml_type_name(GgmlType t);   // "f32", "q4_0", ...; "type<N>" for others
+// Elements per block (1 for f32/f16/bf16, 32 for q4_0..q8_1, 256 for the k-quants); 0 for
+// types this project does not know.
+int64_t ggml_block_size(GgmlType t);
+std::string gguf_type_name(GgufType t);   // "uint8", ..., "string", "array"; "type<N>" for others
 // Bytes of `n_elements` of type t along dims[0] (n_elements must be a multiple of the block
 // size). UserError naming `where` for types whose layout this project does not know.
 uint64_t ggml_row_bytes(GgmlType t, int64_t n_elements, const std::string& where);
@@ -37,6 +41,7 @@ uint64_t ggml_row_bytes(GgmlType t, int64_t n_elements, const std::string& where
 // `integer` (uint64 values above INT64_MAX are kept in `uinteger` too); float32/float64:
 // `real`; string: `str`). Arrays set `array_type` and fill `strings`, `integers` or `reals`.
 // Arrays of arrays are rejected by the reader (llama.cpp's files have none).
+// For uint64 (scalar or array element) `integer` holds the value's bits: the writer writes those.
 struct GgufValue {
   GgufType type = GgufType::uint32;
   GgufType array_type = GgufType::uint8;

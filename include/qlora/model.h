@@ -38,6 +38,9 @@ struct DecoderLayerWeights {
   int64_t sliding_window = 0;
 };
 
+struct LoraLayer;  // qlora/lora.h: the LoRA adapters of one layer / of the whole model
+struct LoraModel;
+
 struct LlamaWeights {
   HFConfig config;
   at::ScalarType compute_dtype = at::kBFloat16;
@@ -103,7 +106,8 @@ struct ForwardInputs {
 // ---- the pieces of the forward pass, for callers that run the layer loop themselves (trainer:
 // checkpointing, sharding, LoRA). llama_hidden_states is exactly:
 //   h = at::embedding(embed_tokens, ids); a = attention_inputs(model, position_ids, B, T);
-//   for (layer : layers) h = decoder_layer(h, layer, model, a, scratch);  h = rms_norm(h, norm, eps)
+//   for (i : layers) h = decoder_layer(h, layers[i], model, a, scratch, lora ? &lora->layers[i] : nullptr,
+//                                      training);  h = rms_norm(h, norm, eps)
 
 // transformers' LlamaRMSNorm: variance in fp32, x * rsqrt(var + eps) in fp32, cast back to the
 // input dtype, then weight * x.
@@ -129,13 +133,20 @@ AttentionInputs attention_inputs(const LlamaWeights& model, const at::Tensor& po
 at::Tensor document_ids(const at::Tensor& position_ids);
 
 // One decoder layer: h + attn(norm(h)), then + mlp(norm(.)). h: [B, T, hidden], compute dtype.
+// lora: this layer's adapters (qlora/lora.h); each targeted projection runs lora_linear_forward
+// (base + scale * B A dropout(x)), the others the plain base. nullptr: exactly the base model.
+// training: LoRA dropout on (PEFT's model.train()); nothing else in the layer depends on it.
 at::Tensor decoder_layer(const at::Tensor& h, const DecoderLayerWeights& layer, const LlamaWeights& model,
-                         const AttentionInputs& attn, DequantScratch& scratch);
+                         const AttentionInputs& attn, DequantScratch& scratch, const LoraLayer* lora = nullptr,
+                         bool training = false);
 
-// Final-norm hidden states [B, T, hidden] in the compute dtype.
-at::Tensor llama_hidden_states(const LlamaWeights& model, const ForwardInputs& inputs, DequantScratch& scratch);
+// Final-norm hidden states [B, T, hidden] in the compute dtype. lora: adapters for every layer
+// (lora->layers.size() == layers.size()), or nullptr for the base model; training: LoRA dropout.
+at::Tensor llama_hidden_states(const LlamaWeights& model, const ForwardInputs& inputs, DequantScratch& scratch,
+                               const LoraModel* lora = nullptr, bool training = false);
 // Logits [B, T, vocab] in fp32 (the lm_head GEMM in the compute dtype, then upcast).
-at::Tensor llama_logits(const LlamaWeights& model, const ForwardInputs& inputs, DequantScratch& scratch);
+at::Tensor llama_logits(const LlamaWeights& model, const ForwardInputs& inputs, DequantScratch& scratch,
+                        const LoraModel* lora = nullptr, bool training = false);
 
 // Parameter and memory accounting for `qlora inspect` and `qlora validate`.
 struct ModelFootprint {

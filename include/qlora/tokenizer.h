@@ -24,7 +24,8 @@ enum class TokenizerKind {
 
 // How text is split before BPE for byte-level tokenizers (recognised from the tokenizer.json
 // Split regex or the GGUF `tokenizer.ggml.pre` name; anything else is a UserError naming it).
-enum class PreTokenizer { none, gpt2, llama3, qwen2 };
+// smollm: GPT-2's regex after every digit was split off alone (SmolLM2: HF Digits + ByteLevel).
+enum class PreTokenizer { none, gpt2, llama3, qwen2, smollm };
 
 struct EncodeOptions {
   bool add_special_tokens = false;   // the post-processor's BOS (and EOS where it adds one)

@@ -47,6 +47,7 @@ int run(int argc, char** argv) {
   add(add_quantize_command(app));
   add(add_inspect_command(app));
   add(add_validate_command(app));
+  add(add_preprocess_command(app));
   add(add_bench_command(app));
 
   try {

@@ -1,6 +1,7 @@
 // qlora bench OP: time a kernel next to the plain-libtorch way of doing the same thing, in the
 // same process, on the current CUDA device. Ops: nf4 (the single-pass NF4 dequant); model (the
-// decoder end to end: src/cli/bench_model.cpp); flce (fused linear cross-entropy: bench_flce.cpp).
+// decoder end to end: src/cli/bench_model.cpp); flce (fused linear cross-entropy: bench_flce.cpp);
+// tokenizer (encode throughput on the CPU: bench_tokenizer.cpp).
 //
 // Method (why): every figure is a median over --iters samples; each sample is one pass over
 // several input/output sets in rotation (enough sets that their bytes are >= 4x the L2 cache, so
@@ -280,11 +281,13 @@ CommandFn add_bench_command(CLI::App& app) {
                                           "the decoder: qlora bench model MODEL_DIR [--seq 2048] [--batch 1] "
                                           "[--dtype bf16] [--iters 5] [--no-4bit] [--device cuda|cpu] [--json FILE]; "
                                           "fused linear cross-entropy: qlora bench flce [--iters 5] [--cases all|small] "
-                                          "[--json FILE]");
+                                          "[--json FILE]; tokenizer encode throughput: qlora bench tokenizer [--tokenizer PATH] "
+                                          "[--threads N] [--text FILE] [--iters 3] [--json FILE]");
   sub->add_option("op", st->op, "what to measure: nf4 (NF4 dequantize), model (load + forward, bench_model.cpp), "
-                                 "flce (fused linear cross-entropy, bench_flce.cpp)")
+                                 "flce (fused linear cross-entropy, bench_flce.cpp), tokenizer (encode MB/s, "
+                                 "bench_tokenizer.cpp)")
       ->required()
-      ->check(CLI::IsMember({"nf4", "model", "flce"}));
+      ->check(CLI::IsMember({"nf4", "model", "flce", "tokenizer"}));
   sub->add_option("--dtype", st->dtype, "output dtype(s); model: the compute dtype (all = bf16)")
       ->check(CLI::IsMember({"bf16", "fp16", "fp32", "all"}))
       ->capture_default_str();
@@ -293,9 +296,11 @@ CommandFn add_bench_command(CLI::App& app) {
   sub->add_option("--json", st->json_path, "also write the results to this JSON file");
   BenchModelFn bench_model = add_bench_model_options(*sub);
   BenchFlceFn bench_flce = add_bench_flce_options(*sub);
-  return [st, iters, bench_model, bench_flce] {
+  BenchTokenizerFn bench_tokenizer = add_bench_tokenizer_options(*sub);
+  return [st, iters, bench_model, bench_flce, bench_tokenizer] {
     if (st->op == "model") return bench_model(st->dtype, iters->count() > 0 ? st->iters : 0, st->json_path);
     if (st->op == "flce") return bench_flce(iters->count() > 0 ? st->iters : 0, st->json_path);
+    if (st->op == "tokenizer") return bench_tokenizer(iters->count() > 0 ? st->iters : 0, st->json_path);
     if (st->dtype == "fp32") throw UserError("qlora bench nf4: --dtype must be bf16, fp16 or all (fp32 is for bench model)");
     return bench_nf4(*st);
   };

@@ -14,6 +14,7 @@ CommandFn add_validate_command(CLI::App& app);
 CommandFn add_bench_command(CLI::App& app);
 CommandFn add_quantize_command(CLI::App& app);
 CommandFn add_inspect_command(CLI::App& app);
+CommandFn add_preprocess_command(CLI::App& app);
 
 // qlora bench model (bench_model.cpp): adds MODEL_DIR and the model options to the bench
 // subcommand; the returned function runs it with bench's shared --dtype, --iters (0 when not
@@ -25,6 +26,11 @@ BenchModelFn add_bench_model_options(CLI::App& bench);
 // --iters (0 when not given) and --json values.
 using BenchFlceFn = std::function<int(int iters, const std::string& json_path)>;
 BenchFlceFn add_bench_flce_options(CLI::App& bench);
+
+// qlora bench tokenizer (bench_tokenizer.cpp): adds --tokenizer, --text, --threads; the returned
+// function runs it with bench's --iters (0 when not given) and --json values.
+using BenchTokenizerFn = std::function<int(int iters, const std::string& json_path)>;
+BenchTokenizerFn add_bench_tokenizer_options(CLI::App& bench);
 
 // A subcommand whose implementation has not landed: it has --help and says plainly that it is
 // not implemented yet (exit status 2).

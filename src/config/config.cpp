@@ -33,10 +33,14 @@ const EnumNames<LrScheduler> kSchedulerNames = {{"cosine", LrScheduler::cosine},
                                                 {"constant_with_warmup", LrScheduler::constant_with_warmup}};
 const EnumNames<OptimizerType> kOptimizerNames = {{"adamw_torch", OptimizerType::adamw_torch},
                                                   {"adamw", OptimizerType::adamw_torch}};
+// Canonical names first (the resolved config prints those), then the aliases users bring.
 const EnumNames<DatasetType> kDatasetTypeNames = {{"completion", DatasetType::completion},
                                                   {"alpaca", DatasetType::alpaca},
                                                   {"chat_template", DatasetType::chat_template},
-                                                  {"pretokenized", DatasetType::pretokenized}};
+                                                  {"pretokenized", DatasetType::pretokenized},
+                                                  {"text", DatasetType::completion},
+                                                  {"chat", DatasetType::chat_template},
+                                                  {"input_ids", DatasetType::pretokenized}};
 
 // One config key: how to read it into a TrainConfig and how to print it back.
 struct KeySpec {
@@ -125,7 +129,7 @@ void read_target_modules(TrainConfig& c, const ParseContext& ctx, const std::str
 void read_datasets(TrainConfig& c, const ParseContext& ctx, const std::string& path, const YAML::Node& n) {
   if (!n.IsSequence() || n.size() == 0)
     ctx.fail(path, n, "expected a non-empty list of {path, type} entries, found " + describe_found(n));
-  static const std::vector<std::string> keys = {"path", "type", "field", "field_messages"};
+  static const std::vector<std::string> keys = {"path", "type", "field", "field_messages", "field_tools"};
   c.datasets.clear();
   for (size_t i = 0; i < n.size(); ++i) {
     const std::string entry_path = path + "[" + std::to_string(i) + "]";
@@ -136,8 +140,19 @@ void read_datasets(TrainConfig& c, const ParseContext& ctx, const std::string& p
     d.path = read_string(ctx, entry_path + ".path", entry["path"]);
     if (d.path.empty()) ctx.fail(entry_path + ".path", entry["path"], "expected a file path, found an empty string");
     if (entry["type"]) d.type = read_enum(ctx, entry_path + ".type", entry["type"], kDatasetTypeNames);
-    if (entry["field"]) d.field = read_string(ctx, entry_path + ".field", entry["field"]);
-    if (entry["field_messages"]) d.field_messages = read_string(ctx, entry_path + ".field_messages", entry["field_messages"]);
+    auto read_field = [&](const char* key, std::string& out) {
+      if (!entry[key]) return;
+      out = read_string(ctx, entry_path + "." + key, entry[key]);
+      if (out.empty()) ctx.fail(entry_path + "." + key, entry[key], "expected a JSON field name, found an empty string");
+    };
+    read_field("field", d.field);
+    read_field("field_messages", d.field_messages);
+    read_field("field_tools", d.field_tools);
+    const bool txt = d.path.size() >= 4 && d.path.compare(d.path.size() - 4, 4, ".txt") == 0;
+    if (txt && d.type != DatasetType::completion)
+      ctx.fail(entry_path + ".type", entry["type"],
+               "a .txt file holds one completion example per line; type " +
+                   std::string(enum_name(d.type, kDatasetTypeNames)) + " needs a .jsonl file");
     c.datasets.push_back(d);
   }
 }
@@ -148,7 +163,9 @@ void emit_datasets(YAML::Emitter& e, const TrainConfig& c) {
     e << YAML::Flow << YAML::BeginMap << YAML::Key << "path" << YAML::Value << d.path << YAML::Key << "type"
       << YAML::Value << enum_name(d.type, kDatasetTypeNames);
     if (d.type == DatasetType::completion) e << YAML::Key << "field" << YAML::Value << d.field;
-    if (d.type == DatasetType::chat_template) e << YAML::Key << "field_messages" << YAML::Value << d.field_messages;
+    if (d.type == DatasetType::chat_template)
+      e << YAML::Key << "field_messages" << YAML::Value << d.field_messages << YAML::Key << "field_tools" << YAML::Value
+        << d.field_tools;
     e << YAML::EndMap;
   }
   e << YAML::EndSeq;
@@ -168,13 +185,28 @@ const std::vector<KeySpec>& key_table() {
        "projections that get LoRA adapters", read_target_modules,
        [](YAML::Emitter& e, const TrainConfig& c) { e << YAML::Flow << c.lora_target_modules; }},
       bool_key("lora_target_linear", &TrainConfig::lora_target_linear, "true: LoRA on all seven projections"),
-      {"datasets", "list of {path, type: completion|alpaca|chat_template|pretokenized, field, field_messages}",
-       "training data, jsonl (required)", read_datasets, emit_datasets},
+      bool_key("use_rslora", &TrainConfig::use_rslora, "rank-stabilized LoRA: scale = lora_alpha / sqrt(lora_r) (PEFT's use_rslora)"),
+      {"datasets", "list of {path, type: completion|alpaca|chat_template|pretokenized, field, field_messages, field_tools}",
+       "training data (required), one JSON object per line (.jsonl). type completion (alias text): {field} "
+       "(default \"text\"), all trainable; a .txt file is read as completion data, one example per non-empty line. "
+       "alpaca: instruction, input (optional), output; only output is trainable. chat_template (alias chat): "
+       "{field_messages} (default \"messages\": [{role, content, tool_calls?}]) and optional {field_tools} (default "
+       "\"tools\"), rendered by chat_template; assistant turns are trainable. pretokenized (alias input_ids): "
+       "input_ids (list of token ids) and optional labels (same length, -100 = not trained)",
+       read_datasets, emit_datasets},
       int_key("sequence_len", &TrainConfig::sequence_len, 2, 1 << 20, "tokens per sequence (packed row length)"),
       bool_key("sample_packing", &TrainConfig::sample_packing, "pack several documents per row (no attention across them)"),
       float_key("val_set_size", &TrainConfig::val_set_size, 0, 1e9, false, false, "held-out data: < 1 a fraction, >= 1 a count"),
       string_key("chat_template", &TrainConfig::chat_template, "chat template name or .jinja file; null: the tokenizer's"),
       bool_key("train_on_inputs", &TrainConfig::train_on_inputs, "false: loss only on outputs / assistant turns"),
+      int_key("dataset_num_proc", &TrainConfig::dataset_num_proc, 0, 4096, "threads that tokenize the datasets; 0: all cores"),
+      bool_key("shuffle_merged_datasets", &TrainConfig::shuffle_merged_datasets,
+               "shuffle the concatenated datasets by seed (before the validation split)"),
+      bool_key("skip_bad_lines", &TrainConfig::skip_bad_lines,
+               "false: a malformed record is an error naming file:line; true: skipped, counted, and warned about once"),
+      string_key("dataset_prepared_path", &TrainConfig::dataset_prepared_path,
+                 "where tokenized data is cached (reused while data, tokenizer and options are unchanged); null: "
+                 "output_dir/prepared"),
       int_key("micro_batch_size", &TrainConfig::micro_batch_size, 1, 1 << 16, "rows per forward/backward"),
       int_key("gradient_accumulation_steps", &TrainConfig::gradient_accumulation_steps, 1, 1 << 16, "micro-batches per optimizer step"),
       float_key("num_epochs", &TrainConfig::num_epochs, 0, 1e6, true, false, "passes over the training data"),

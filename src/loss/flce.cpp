@@ -204,6 +204,13 @@ at::Tensor reduce(const at::Tensor& loss_rows, const at::Tensor& labels, const F
   return loss_rows.sum() * inv_denominator(labels, o);
 }
 
+// dW * s in W's dtype in one pass (read fp32, write 16-bit): a separate multiply then cast would
+// write and read a second fp32 [V, H] (2.1 GB at Llama-3's vocabulary).
+at::Tensor scaled_dw(const at::Tensor& dw, const at::Tensor& s, int64_t w_dtype) {
+  at::Tensor out = at::empty_like(dw, dw.options().dtype(static_cast<at::ScalarType>(w_dtype)));
+  return at::mul_out(out, dw, s);
+}
+
 struct FlceFunction : torch::autograd::Function<FlceFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& X, const at::Tensor& W, const at::Tensor& labels,
                             const FlceOptions& o, bool need_dx, bool need_dw) {
@@ -255,7 +262,7 @@ struct FlceFunction : torch::autograd::Function<FlceFunction> {
     const at::Tensor s = go.to(at::kFloat) * ctx->saved_data["scale"].toTensor();
     if (ctx->saved_data.count("dx")) out[0] = ctx->saved_data["dx"].toTensor() * s;
     if (ctx->saved_data.count("dw"))
-      out[1] = (ctx->saved_data["dw"].toTensor() * s).to(static_cast<at::ScalarType>(ctx->saved_data["w_dtype"].toInt()));
+      out[1] = scaled_dw(ctx->saved_data["dw"].toTensor(), s, ctx->saved_data["w_dtype"].toInt());
     return out;
   }
 };
@@ -292,7 +299,7 @@ struct ChunkLossFunction : torch::autograd::Function<ChunkLossFunction> {
     const at::Tensor s = grad_outputs[0].to(at::kFloat) / ctx->saved_data["divide_by"].toDouble();
     if (ctx->saved_data.count("dx")) out[0] = ctx->saved_data["dx"].toTensor() * s;
     if (ctx->saved_data.count("dw"))
-      out[1] = (ctx->saved_data["dw"].toTensor() * s).to(static_cast<at::ScalarType>(ctx->saved_data["w_dtype"].toInt()));
+      out[1] = scaled_dw(ctx->saved_data["dw"].toTensor(), s, ctx->saved_data["w_dtype"].toInt());
     return out;
   }
 };

@@ -4,10 +4,27 @@
 
 #include <utility>
 
+namespace torch::autograd {
+struct AutogradContext;
+}
+
 namespace qlora {
+
+struct NF4Tensor;
+struct DequantScratch;
 
 // cos/sin [B, T, head_dim] in `dtype` for int64 position ids [B, T] (rope.cpp).
 std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, double attention_scaling,
                                                const at::Tensor& position_ids, at::ScalarType dtype);
+
+// linear.cpp: a [out, in] view of the scratch holding `t` dequantized to `dtype` (the buffer is
+// reallocated only when it is too small or of another dtype/device).
+at::Tensor dequantize_into_scratch(const NF4Tensor& t, DequantScratch& scratch, at::ScalarType dtype);
+
+// linear.cpp: an NF4Tensor through an autograd context's saved_data (plain IValues under the
+// keys packed, absmax, absmax2, code2, offset, nested, blocksize, nested_blocksize, shape, dtype),
+// so that a backward needs neither the LinearWeight nor its owner to be alive.
+void save_nf4(torch::autograd::AutogradContext* ctx, const NF4Tensor& t);
+NF4Tensor load_nf4(torch::autograd::AutogradContext* ctx);
 
 }  // namespace qlora

@@ -9,12 +9,11 @@
 #include <algorithm>
 #include <string>
 
+#include "model/internal.h"
 #include "qlora/error.h"
 #include "qlora/model.h"
 
 namespace qlora {
-
-namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -65,6 +64,8 @@ NF4Tensor load_nf4(AutogradContext* ctx) {
   t.dtype = static_cast<at::ScalarType>(d["dtype"].toInt());
   return t;
 }
+
+namespace {
 
 struct NF4LinearFunction : public torch::autograd::Function<NF4LinearFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const LinearWeight* w, DequantScratch* scratch) {

@@ -21,6 +21,7 @@
 
 #include "model/internal.h"
 #include "qlora/error.h"
+#include "qlora/lora.h"
 #include "qlora/model.h"
 
 namespace qlora {
@@ -95,14 +96,20 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 }  // namespace
 
 at::Tensor decoder_layer(const at::Tensor& h, const DecoderLayerWeights& layer, const LlamaWeights& model,
-                         const AttentionInputs& attn, DequantScratch& scratch) {
+                         const AttentionInputs& attn, DequantScratch& scratch, const LoraLayer* lora, bool training) {
   const HFConfig& c = model.config;
   const int64_t B = h.size(0), T = h.size(1), D = c.head_dim;
+  // Without adapters every projection is exactly linear_forward (the base model, bit for bit).
+  auto project = [&](const at::Tensor& in, const LinearWeight& w, std::optional<LoraLinear> LoraLayer::*adapter) {
+    if (lora == nullptr) return linear_forward(in, w, scratch);
+    const std::optional<LoraLinear>& a = lora->*adapter;
+    return lora_linear_forward(in, w, a ? &*a : nullptr, scratch, training);
+  };
 
   const at::Tensor x = rms_norm(h, layer.input_layernorm, c.rms_norm_eps);
-  at::Tensor q = linear_forward(x, layer.q_proj, scratch).view({B, T, c.num_attention_heads, D}).transpose(1, 2);
-  at::Tensor k = linear_forward(x, layer.k_proj, scratch).view({B, T, c.num_key_value_heads, D}).transpose(1, 2);
-  const at::Tensor v = linear_forward(x, layer.v_proj, scratch).view({B, T, c.num_key_value_heads, D}).transpose(1, 2);
+  at::Tensor q = project(x, layer.q_proj, &LoraLayer::q_proj).view({B, T, c.num_attention_heads, D}).transpose(1, 2);
+  at::Tensor k = project(x, layer.k_proj, &LoraLayer::k_proj).view({B, T, c.num_key_value_heads, D}).transpose(1, 2);
+  const at::Tensor v = project(x, layer.v_proj, &LoraLayer::v_proj).view({B, T, c.num_key_value_heads, D}).transpose(1, 2);
   q = apply_rotary(q, attn.cos, attn.sin);
   k = apply_rotary(k, attn.cos, attn.sin);
 
@@ -113,12 +120,12 @@ at::Tensor decoder_layer(const at::Tensor& h, const DecoderLayerWeights& layer, 
     mask = attn.sliding_mask;
   }
   const at::Tensor o = attention(q, k, v, mask).transpose(1, 2).reshape({B, T, c.num_attention_heads * D});
-  const at::Tensor after_attn = h + linear_forward(o, layer.o_proj, scratch);
+  const at::Tensor after_attn = h + project(o, layer.o_proj, &LoraLayer::o_proj);
 
   const at::Tensor y = rms_norm(after_attn, layer.post_attention_layernorm, c.rms_norm_eps);
-  const at::Tensor gate = at::silu(linear_forward(y, layer.gate_proj, scratch));
-  const at::Tensor up = linear_forward(y, layer.up_proj, scratch);
-  return after_attn + linear_forward(gate * up, layer.down_proj, scratch);
+  const at::Tensor gate = at::silu(project(y, layer.gate_proj, &LoraLayer::gate_proj));
+  const at::Tensor up = project(y, layer.up_proj, &LoraLayer::up_proj);
+  return after_attn + project(gate * up, layer.down_proj, &LoraLayer::down_proj);
 }
 
 namespace {
@@ -142,18 +149,24 @@ void check_inputs(const LlamaWeights& model, const ForwardInputs& in) {
 
 }  // namespace
 
-at::Tensor llama_hidden_states(const LlamaWeights& model, const ForwardInputs& inputs, DequantScratch& scratch) {
+at::Tensor llama_hidden_states(const LlamaWeights& model, const ForwardInputs& inputs, DequantScratch& scratch,
+                               const LoraModel* lora, bool training) {
   check_inputs(model, inputs);
+  if (lora != nullptr && lora->layers.size() != model.layers.size())
+    throw UserError("LoRA adapter has " + std::to_string(lora->layers.size()) + " layers, the model has " +
+                    std::to_string(model.layers.size()));
   const at::Tensor ids = inputs.input_ids.to(model.device);
   const int64_t batch = ids.size(0), seq = ids.size(1);
   at::Tensor h = at::embedding(model.embed_tokens, ids);
   const AttentionInputs attn = attention_inputs(model, inputs.position_ids, batch, seq);
-  for (const DecoderLayerWeights& layer : model.layers) h = decoder_layer(h, layer, model, attn, scratch);
+  for (size_t i = 0; i < model.layers.size(); ++i)
+    h = decoder_layer(h, model.layers[i], model, attn, scratch, lora ? &lora->layers[i] : nullptr, training);
   return rms_norm(h, model.norm, model.config.rms_norm_eps);
 }
 
-at::Tensor llama_logits(const LlamaWeights& model, const ForwardInputs& inputs, DequantScratch& scratch) {
-  return at::linear(llama_hidden_states(model, inputs, scratch), model.lm_head).to(at::kFloat);
+at::Tensor llama_logits(const LlamaWeights& model, const ForwardInputs& inputs, DequantScratch& scratch,
+                        const LoraModel* lora, bool training) {
+  return at::linear(llama_hidden_states(model, inputs, scratch, lora, training), model.lm_head).to(at::kFloat);
 }
 
 }  // namespace qlora

@@ -1,0 +1,254 @@
+// LoRA: options, PEFT's initialization, parameter names, and the LoRA linear as one autograd
+// function  Y = X deq(W)^T (+ b) + s (drop(X) A^T) B^T  with its own backward:
+//   dB = s g^T U          (U = drop(X) A^T, saved: [..., r])
+//   dU = s g B
+//   dA = dU^T drop(X)     (drop(X) rebuilt from X and the saved mask)
+//   dX = g deq(W) + drop'(dU A)
+// W is dequantized into the shared scratch in the forward and again in the backward; no copy of
+// it is ever saved (the scratch has been overwritten by the next projection by then).
+//
+// Facts from PEFT 0.21 (read, not copied): LoraLayer.update_layer: scaling = lora_alpha / r, or
+// lora_alpha / sqrt(r) with use_rslora; lora_dropout = nn.Dropout(p) when p > 0 else Identity.
+// reset_lora_parameters(init_lora_weights=True): nn.init.kaiming_uniform_(lora_A.weight,
+// a=math.sqrt(5)); nn.init.zeros_(lora_B.weight). Linear.forward: result = base_layer(x);
+// result = result + lora_B(lora_A(dropout(x))) * scaling.
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "model/internal.h"
+#include "qlora/config.h"
+#include "qlora/error.h"
+#include "qlora/lora.h"
+
+namespace qlora {
+
+const std::vector<std::string>& lora_projection_names() {
+  static const std::vector<std::string> names = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  return names;
+}
+
+namespace {
+
+template <class Layer>
+auto& projection_by_name(Layer& l, const std::string& name, const char* what) {
+  if (name == "q_proj") return l.q_proj;
+  if (name == "k_proj") return l.k_proj;
+  if (name == "v_proj") return l.v_proj;
+  if (name == "o_proj") return l.o_proj;
+  if (name == "gate_proj") return l.gate_proj;
+  if (name == "up_proj") return l.up_proj;
+  if (name == "down_proj") return l.down_proj;
+  throw UserError(std::string(what) + " '" + name +
+                  "' is not a projection; expected one of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj");
+}
+
+bool is_target(const LoraOptions& o, const std::string& name) {
+  for (const auto& t : o.target_modules)
+    if (t == name) return true;
+  return false;
+}
+
+}  // namespace
+
+std::optional<LoraLinear>& lora_projection(LoraLayer& layer, const std::string& name) {
+  return projection_by_name<LoraLayer>(layer, name, "LoRA target");
+}
+const std::optional<LoraLinear>& lora_projection(const LoraLayer& layer, const std::string& name) {
+  return projection_by_name<const LoraLayer>(layer, name, "LoRA target");
+}
+const LinearWeight& base_projection(const DecoderLayerWeights& layer, const std::string& name) {
+  return projection_by_name<const DecoderLayerWeights>(layer, name, "LoRA target");
+}
+
+LoraOptions lora_options_from_config(const TrainConfig& config) {
+  LoraOptions o;
+  o.r = config.lora_r;
+  o.alpha = config.lora_alpha;
+  o.dropout = config.lora_dropout;
+  o.use_rslora = config.use_rslora;
+  o.target_modules = config.lora_target_linear ? lora_projection_names() : config.lora_target_modules;
+  return o;
+}
+
+void validate_lora_options(const LoraOptions& o) {
+  if (o.r < 1) throw UserError("lora_r: expected a rank >= 1, found " + std::to_string(o.r));
+  if (!(o.alpha > 0.0) || !std::isfinite(o.alpha))
+    throw UserError("lora_alpha: expected a finite number > 0, found " + std::to_string(o.alpha));
+  if (!(o.dropout >= 0.0 && o.dropout < 1.0))
+    throw UserError("lora_dropout: expected a probability in [0, 1), found " + std::to_string(o.dropout));
+  if (o.target_modules.empty()) throw UserError("lora_target_modules: expected at least one projection, found none");
+  LoraLayer probe;
+  for (const auto& t : o.target_modules) lora_projection(probe, t);  // throws for a name outside the seven
+}
+
+double lora_scale(const LoraOptions& o) {
+  return o.use_rslora ? o.alpha / std::sqrt(static_cast<double>(o.r)) : o.alpha / static_cast<double>(o.r);
+}
+
+LoraModel make_lora(const LlamaWeights& model, const LoraOptions& options, uint64_t seed) {
+  validate_lora_options(options);
+  LoraModel lora;
+  lora.options = options;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  const at::TensorOptions fp32 = at::TensorOptions().dtype(at::kFloat);
+  const double a = std::sqrt(5.0);
+  const double gain = std::sqrt(2.0 / (1.0 + a * a));  // torch calculate_gain("leaky_relu", a)
+  for (const DecoderLayerWeights& layer : model.layers) {
+    LoraLayer& out = lora.layers.emplace_back();
+    for (const std::string& name : lora_projection_names()) {
+      if (!is_target(options, name)) continue;
+      const LinearWeight& base = base_projection(layer, name);
+      const double bound = std::sqrt(3.0) * gain / std::sqrt(static_cast<double>(base.in_features));
+      LoraLinear l;
+      l.A = at::empty({options.r, base.in_features}, fp32).uniform_(-bound, bound, gen).to(model.device).requires_grad_(true);
+      l.B = at::zeros({base.out_features, options.r}, fp32.device(model.device)).requires_grad_(true);
+      l.scale = lora_scale(options);
+      l.dropout = options.dropout;
+      lora_projection(out, name) = std::move(l);
+    }
+  }
+  return lora;
+}
+
+std::string peft_module_name(int64_t layer, const std::string& projection) {
+  const bool attn = projection == "q_proj" || projection == "k_proj" || projection == "v_proj" || projection == "o_proj";
+  return "base_model.model.model.layers." + std::to_string(layer) + (attn ? ".self_attn." : ".mlp.") + projection;
+}
+
+std::vector<std::pair<std::string, at::Tensor>> named_lora_parameters(const LoraModel& lora) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (size_t i = 0; i < lora.layers.size(); ++i)
+    for (const std::string& name : lora_projection_names()) {
+      const auto& l = lora_projection(lora.layers[i], name);
+      if (!l) continue;
+      const std::string m = peft_module_name(static_cast<int64_t>(i), name);
+      out.emplace_back(m + ".lora_A.weight", l->A);
+      out.emplace_back(m + ".lora_B.weight", l->B);
+    }
+  return out;
+}
+
+int64_t lora_parameter_count(const LoraModel& lora) {
+  int64_t n = 0;
+  for (const auto& [name, t] : named_lora_parameters(lora)) n += t.numel();
+  return n;
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The frozen base weight in a forward: a view of the scratch holding deq(W) (NF4; the packed
+// bytes and absmax -- the model's own tensors, not copies -- go into saved_data) or the dense
+// weight itself (the model's own), plus the scratch's address for the backward.
+at::Tensor base_weight_forward(AutogradContext* ctx, const LinearWeight& base, DequantScratch& scratch, at::ScalarType dtype) {
+  ctx->saved_data["scratch"] = static_cast<int64_t>(reinterpret_cast<intptr_t>(&scratch));
+  if (base.nf4) {
+    save_nf4(ctx, *base.nf4);
+    return dequantize_into_scratch(*base.nf4, scratch, dtype);
+  }
+  TORCH_CHECK(base.dense.defined(), "lora_linear_forward: the base weight holds neither NF4 nor dense data");
+  ctx->saved_data["dense"] = base.dense;
+  return base.dense;
+}
+
+// The same weight in the backward: the scratch holds some other projection's weight by now, so an
+// NF4 weight is dequantized again, into the scratch.
+at::Tensor base_weight_backward(AutogradContext* ctx, at::ScalarType dtype) {
+  if (ctx->saved_data.count("dense")) return ctx->saved_data["dense"].toTensor();
+  auto* scratch = reinterpret_cast<DequantScratch*>(static_cast<intptr_t>(ctx->saved_data["scratch"].toInt()));
+  return dequantize_into_scratch(load_nf4(ctx), *scratch, dtype);
+}
+
+std::optional<at::Tensor> bias_of(const LinearWeight& w) {
+  return w.bias.defined() ? std::optional<at::Tensor>(w.bias) : std::nullopt;
+}
+
+// The base alone (an untargeted projection of a LoRA model, NF4): x -> x deq(W)^T + b.
+struct BaseLinearFunction : public torch::autograd::Function<BaseLinearFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const LinearWeight* base, DequantScratch* scratch) {
+    return at::linear(x, base_weight_forward(ctx, *base, *scratch, x.scalar_type()), bias_of(*base));
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const at::Tensor& g = grad_outputs[0];
+    return {at::matmul(g, base_weight_backward(ctx, g.scalar_type())), at::Tensor(), at::Tensor()};
+  }
+};
+
+// Inputs: x [..., in] (compute dtype), A fp32 [r, in], B fp32 [out, r]; the rest are not
+// differentiable. Saved: x, U = drop(x) A^T, A, B (save_for_backward), the bool dropout mask, and
+// what base_weight_forward keeps.
+struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                            const LinearWeight* base, DequantScratch* scratch, double scale, double dropout, bool training) {
+    const at::ScalarType dtype = x.scalar_type();
+    at::Tensor y = at::linear(x, base_weight_forward(ctx, *base, *scratch, dtype), bias_of(*base));
+    at::Tensor mask, dropped = x;
+    if (training && dropout > 0.0) {
+      mask = at::empty(x.sizes(), x.options().dtype(at::kBool)).bernoulli_(1.0 - dropout);
+      dropped = (x * mask).mul_(1.0 / (1.0 - dropout));  // as at::dropout: x * mask / (1 - p)
+    }
+    const at::Tensor u = at::linear(dropped, A.to(dtype));  // [..., r]
+    y.add_(at::linear(u, B.to(dtype)).mul_(scale));        // PEFT: result + lora_B(lora_A(x)) * scaling
+    ctx->save_for_backward({x, u, A, B});
+    ctx->saved_data["mask"] = mask;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["dropout"] = dropout;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const at::Tensor& g = grad_outputs[0];
+    const at::ScalarType dtype = g.scalar_type();
+    const variable_list saved = ctx->get_saved_variables();
+    at::Tensor dx, dA, dB;
+    if (ctx->needs_input_grad(0)) dx = at::matmul(g, base_weight_backward(ctx, dtype));
+    const at::Tensor &x = saved[0], &u = saved[1], &A = saved[2], &B = saved[3];
+    const at::Tensor mask = ctx->saved_data["mask"].toTensor();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const double keep_scale = mask.defined() ? 1.0 / (1.0 - ctx->saved_data["dropout"].toDouble()) : 1.0;
+    const int64_t r = A.size(0), in = A.size(1), out = B.size(0);
+    const at::Tensor g2 = g.reshape({-1, out}), u2 = u.reshape({-1, r});
+    if (ctx->needs_input_grad(2)) dB = at::mm(g2.t(), u2).mul_(scale).to(at::kFloat);
+    if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
+      const at::Tensor du = at::mm(g2, B.to(dtype)).mul_(scale);  // [N, r]
+      if (ctx->needs_input_grad(1)) {
+        const at::Tensor x2 = x.reshape({-1, in});
+        const at::Tensor dropped = mask.defined() ? (x2 * mask.reshape({-1, in})).mul_(keep_scale) : x2;
+        dA = at::mm(du.t(), dropped).to(at::kFloat);
+      }
+      if (ctx->needs_input_grad(0)) {
+        at::Tensor dxl = at::mm(du, A.to(dtype));  // [N, in]
+        if (mask.defined()) dxl.mul_(mask.reshape({-1, in})).mul_(keep_scale);
+        dx.add_(dxl.view(dx.sizes()));
+      }
+    }
+    return {dx, dA, dB, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor lora_linear_forward(const at::Tensor& x, const LinearWeight& base, const LoraLinear* lora,
+                               DequantScratch& scratch, bool training) {
+  TORCH_CHECK(x.size(-1) == base.in_features, "lora_linear_forward: input has ", x.size(-1),
+              " features, the weight expects ", base.in_features);
+  if (lora == nullptr) {
+    if (!base.nf4) return linear_forward(x, base, scratch);
+    return BaseLinearFunction::apply(x, &base, &scratch);
+  }
+  TORCH_CHECK(lora->A.defined() && lora->B.defined() && lora->A.dim() == 2 && lora->B.dim() == 2 &&
+                  lora->A.size(1) == base.in_features && lora->B.size(0) == base.out_features &&
+                  lora->A.size(0) == lora->B.size(1),
+              "lora_linear_forward: LoRA A ", lora->A.sizes(), " / B ", lora->B.sizes(), " do not fit a [",
+              base.out_features, ", ", base.in_features, "] weight (expected A [r, in], B [out, r])");
+  return LoraLinearFunction::apply(x, lora->A, lora->B, &base, &scratch, lora->scale, lora->dropout, training);
+}
+
+}  // namespace qlora
