@@ -70,7 +70,33 @@ struct ModelLoadOptions {
 // was expected. Supported beyond the minimum: Llama attention_bias and mlp_bias, Mistral/Qwen2
 // sliding windows (exact, see DecoderLayerWeights), a quantized lm_head (dequantized). Unused
 // checkpoint tensors are logged as a warning (rotary_emb.inv_freq buffers silently ignored).
+//
+// `model_dir` may also be a llama.cpp GGUF file (a regular file whose name ends in ".gguf";
+// general.architecture "llama"): see load_llama_gguf.
 LlamaWeights load_llama(const std::filesystem::path& model_dir, const ModelLoadOptions& options);
+
+// ---- GGUF base models (src/io/gguf_model.cpp) ----
+class GgufFile;
+// The HF config a llama GGUF's metadata implies (llama.context_length, embedding_length,
+// block_count, feed_forward_length, attention.head_count(_kv), attention.key_length,
+// attention.layer_norm_rms_epsilon, rope.freq_base, rope.dimension_count (must equal head_dim),
+// rope.scaling.type none/linear; vocab_size from llama.vocab_size or the token list; tied
+// embeddings when there is no output.weight; attention_bias / mlp_bias when blk.0 has those
+// biases; bos/eos/pad from tokenizer.ggml.*). Other architectures and rope scalings are UserErrors.
+HFConfig hf_config_from_gguf(const GgufFile& gguf);
+// The HF name of a llama GGUF tensor (token_embd.weight -> model.embed_tokens.weight,
+// blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight, output.weight -> lm_head.weight,
+// ...); "" for names that are not part of a llama decoder (e.g. rope_freqs.weight).
+std::string gguf_tensor_name_to_hf(const std::string& gguf_name);
+// One tensor by its HF name, dequantized to fp32 on the CPU in HF layout: q_proj / k_proj weights
+// and biases have llama.cpp's rotary row permutation (convert_hf_to_gguf.py LlamaModel.permute)
+// undone. UserError naming the file when the tensor is absent or of an unreadable type.
+at::Tensor gguf_llama_tensor(const GgufFile& gguf, const HFConfig& config, const std::string& hf_name);
+// load_llama for a GGUF file: each tensor dequantized to fp32, then exactly the 16-bit path of
+// load_llama (cast to the compute dtype on the device, quantized to NF4 when load_in_4bit).
+// A rope_freqs.weight tensor (Llama 3.1-style rope scaling, which the metadata does not describe)
+// divides the default inverse frequencies, as llama.cpp applies it.
+LlamaWeights load_llama_gguf(const std::filesystem::path& path, const ModelLoadOptions& options);
 
 // Reusable buffer for dequantized NF4 weights: grows to the largest weight seen, then every call
 // reuses it (no allocation per call). One per device; not shared between threads.

@@ -73,7 +73,8 @@ class Tokenizer {
 };
 
 // `path` is a tokenizer.json file or a directory holding tokenizer.json (and optionally
-// tokenizer_config.json, which supplies bos/eos/pad and the chat template).
+// tokenizer_config.json, which supplies bos/eos/pad and the chat template), or a .gguf model file
+// (its tokenizer.ggml.* metadata: tokenizer_from_gguf).
 Tokenizer load_tokenizer(const std::filesystem::path& path);
 // From GGUF metadata: tokenizer.ggml.model ("gpt2" = byte-level BPE, "llama" = sentencepiece BPE
 // ranked by scores), .pre, .tokens, .merges, .scores, .token_type, special token ids.

@@ -39,7 +39,7 @@ int run(int argc, char** argv) {
     std::vector<CLI::App*> subs = app.get_subcommands([](CLI::App*) { return true; });
     commands.emplace_back(subs.back(), std::move(fn));
   };
-  add(add_pending_command(app, "train", "train a LoRA adapter: qlora train CONFIG [key=value ...]", "CONFIG [key=value ...]"));
+  add(add_train_command(app));
   add(add_pending_command(app, "eval", "evaluate loss/perplexity on a config's validation data", "CONFIG [key=value ...]"));
   add(add_pending_command(app, "generate", "generate text from a base model plus an adapter", "MODEL_DIR [ADAPTER_DIR] PROMPT"));
   add(add_pending_command(app, "merge", "merge a LoRA adapter into the base weights", "MODEL_DIR ADAPTER_DIR OUT_DIR"));

@@ -10,6 +10,7 @@ namespace qlora::cli {
 
 using CommandFn = std::function<int()>;
 
+CommandFn add_train_command(CLI::App& app);
 CommandFn add_validate_command(CLI::App& app);
 CommandFn add_bench_command(CLI::App& app);
 CommandFn add_quantize_command(CLI::App& app);

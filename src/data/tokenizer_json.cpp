@@ -8,6 +8,7 @@
 
 #include "data/tokenizer_internal.h"
 #include "qlora/error.h"
+#include "qlora/gguf.h"
 
 namespace qlora {
 namespace {
@@ -259,6 +260,8 @@ void apply_config(TokenizerImpl& t, const fs::path& file) {
 }  // namespace
 
 Tokenizer load_tokenizer(const std::filesystem::path& path) {
+  // A GGUF model file carries its tokenizer in its metadata (tokenizer.ggml.*).
+  if (path.extension() == ".gguf" && fs::is_regular_file(path)) return tokenizer_from_gguf(GgufFile(path));
   const fs::path file = fs::is_directory(path) ? path / "tokenizer.json" : path;
   if (!fs::exists(file))
     throw UserError(file.string() + ": no such file (expected a tokenizer.json or a directory holding one)");

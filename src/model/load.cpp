@@ -202,6 +202,7 @@ LlamaWeights load_llama(const fs::path& model_dir, const ModelLoadOptions& optio
   const auto t0 = std::chrono::steady_clock::now();
   if (options.compute_dtype != at::kBFloat16 && options.compute_dtype != at::kHalf && options.compute_dtype != at::kFloat)
     throw UserError(std::string("compute dtype must be bfloat16, float16 or float32, found ") + c10::toString(options.compute_dtype));
+  if (fs::is_regular_file(model_dir) && model_dir.extension() == ".gguf") return load_llama_gguf(model_dir, options);
   const fs::path config_path = fs::is_directory(model_dir) ? model_dir / "config.json" : model_dir;
   const HFConfig config = load_hf_config(config_path);
   check_supported(config, config_path.string());

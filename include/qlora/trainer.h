@@ -1,0 +1,133 @@
+// The trainer (issue 7): one device (CPU or one CUDA GPU). Setup turns a TrainConfig into a model
+// (NF4 base + fp32 LoRA masters), the prepared data as a stream of planned micro-batches, AdamW,
+// the LR schedule and (fp16) the loss scaler; one optimizer step runs the explicit layer loop of
+// DESIGN.md (activation checkpointing: only each layer's input kept, each layer recomputed in the
+// backward with the RNG state of its forward), the fused loss with the step's exact normalizer,
+// unscale/inf check, clipping and AdamW. run_training adds the outputs: progress lines,
+// metrics.jsonl, loss.svg, eval, checkpoints/resume, SIGINT handling, the PEFT adapter.
+// Plain structs and free functions (trainer.cpp: setup and the run; trainer_step.cpp: one step).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "qlora/config.h"
+#include "qlora/dataset.h"
+#include "qlora/lora.h"
+#include "qlora/model.h"
+#include "qlora/optim.h"
+#include "qlora/tokenizer.h"
+
+namespace qlora {
+
+// Knobs that are not part of the recipe: set by tests (and the CLI), never by YAML.
+struct TrainerOptions {
+  int64_t stop_after_step = -1;        // >= 0: stop after this global step as if interrupted
+                                       // (checkpoint written, run_training returns interrupted)
+  int64_t inject_overflow_step = -1;   // test hook: that step's loss is multiplied by inf
+  bool force_loss_scaler = false;      // use the dynamic loss scaler whatever the compute dtype
+  double init_loss_scale = 0.0;        // > 0: the scaler's initial scale (default GradScaler's 2^16)
+  bool write_outputs = true;           // false: no metrics/svg/checkpoints/adapter (unit tests)
+};
+
+// Where the micro-batch stream stands: epoch e's plan is plan_micro_batches with seed + e, and
+// `micro_batch` indexes into it. Saved in checkpoints so a resumed run sees the same batches.
+struct DataPosition {
+  int64_t epoch = 0;
+  int64_t micro_batch = 0;
+};
+
+struct Trainer {
+  TrainConfig config;
+  TrainerOptions options;
+  at::Device device = at::kCPU;
+  at::ScalarType compute_dtype = at::kFloat;
+
+  LlamaWeights model;
+  LoraModel lora;
+  DequantScratch scratch;  // one per device; outlives every backward
+
+  PreparedData data;
+  BatchingOptions batching;
+  DataPosition position;
+  int64_t plan_epoch = -1;                           // the epoch `plan` was made for
+  std::vector<std::vector<int64_t>> plan;            // micro-batches of epoch plan_epoch
+  int64_t micro_batches_per_epoch = 0;
+
+  std::vector<std::string> param_names;              // PEFT names of the LoRA masters
+  std::vector<at::Tensor> params;                    // the masters themselves (fp32, requires grad)
+  AdamWState optimizer;
+  AdamWOptions adamw;
+  LrSchedule schedule;
+  std::optional<LossScaler> scaler;                  // fp16 (or options.force_loss_scaler)
+
+  int64_t step = 0;                                  // optimizer steps taken (skipped ones count)
+  int64_t total_steps = 0;
+};
+
+// Device ("auto" -> cuda:0 when CUDA is present, else cpu) and compute dtype (fp16 when
+// config.fp16; bf16 when config.bf16 is on, or auto on a GPU that has it; fp32 on the CPU unless
+// bf16 is forced on). UserError for a CUDA device that is not there.
+at::Device resolve_train_device(const std::string& device);
+at::ScalarType resolve_compute_dtype(const TrainConfig& config, const at::Device& device);
+
+// The tokenizer of config.tokenizer_config (or base_model). When that directory has no
+// tokenizer.json and every dataset is pretokenized, a placeholder that only knows the vocabulary
+// size (ids are checked against it) is returned instead, with an info line.
+Tokenizer load_train_tokenizer(const TrainConfig& config, int64_t model_vocab_size);
+
+// Everything before the first step (see the header comment). Logs what it set up.
+Trainer make_trainer(const TrainConfig& config, const TrainerOptions& options = {});
+
+// The next micro-batch index lists of the stream (advances trainer.position across epochs).
+std::vector<int64_t> next_micro_batch(Trainer& trainer);
+Batch make_train_batch(const Trainer& trainer, const std::vector<int64_t>& indices);
+
+// What one optimizer step did.
+struct StepResult {
+  double loss = 0.0;         // mean over the step's target tokens (unscaled)
+  double grad_norm = 0.0;    // global norm before clipping (inf/NaN when skipped for overflow)
+  double lr = 0.0;
+  bool skipped = false;      // non-finite gradients: no AdamW step (fp16: the scale was lowered)
+  int64_t tokens = 0;        // non-padding tokens of the step
+  int64_t target_tokens = 0;
+};
+
+// Forward + backward of one micro-batch, accumulating into the masters' .grad(): the loss is the
+// SUM of the batch's token losses divided by `normalizer` (the step's target-token count), times
+// `loss_multiplier` (the loss scale). Checkpointed layer loop when config.gradient_checkpointing.
+// Returns the (unmultiplied) loss as a detached fp32 scalar.
+at::Tensor forward_backward(Trainer& trainer, const Batch& batch, double normalizer, double loss_multiplier = 1.0);
+
+// One optimizer step over the given micro-batches (normalizer = their total target tokens):
+// forward_backward each, then (scaler) unscale + inf check, clip, AdamW with the schedule's lr,
+// grads cleared. Increments trainer.step.
+StepResult train_step_on(Trainer& trainer, const std::vector<Batch>& batches);
+// The same on the next gradient_accumulation_steps micro-batches of the stream.
+StepResult train_step(Trainer& trainer);
+
+// Mean loss over every target token of the val split (no grad, no dropout); nullopt when empty.
+std::optional<double> evaluate(Trainer& trainer);
+
+// Checkpoint contents (LoRA masters, optimizer, scheduler step, loss scaler, RNG, data position).
+std::filesystem::path save_trainer_checkpoint(Trainer& trainer);
+void load_trainer_checkpoint(Trainer& trainer, const std::filesystem::path& dir);
+
+struct TrainRunResult {
+  int64_t steps = 0;               // global step reached
+  bool interrupted = false;        // SIGINT/SIGTERM (or options.stop_after_step)
+  std::vector<double> losses;      // train loss of each step run by this call
+  std::filesystem::path adapter_dir;  // output_dir (empty when interrupted)
+  std::filesystem::path last_checkpoint;
+};
+
+// The whole run with its outputs (resume, metrics, eval, checkpoints, adapter, resolved config).
+// SIGINT/SIGTERM during the run: the current step finishes, a checkpoint is written, and the
+// result says interrupted.
+TrainRunResult run_training(const TrainConfig& config, const TrainerOptions& options = {});
+
+}  // namespace qlora

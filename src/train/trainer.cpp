@@ -1,0 +1,400 @@
+// Trainer setup and the whole run: device and dtype, model, tokenizer, data, LoRA, AdamW, schedule,
+// loss scaler; then the step loop with its outputs (progress lines, metrics.jsonl, loss.svg, eval,
+// checkpoints and resume, SIGINT/SIGTERM -> checkpoint and clean exit, PEFT adapter at the end).
+// The step itself is trainer_step.cpp.
+#include <ATen/core/grad_mode.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <fstream>
+#include <iomanip>
+#include <sstream>
+
+#ifdef QLORA_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+#include "data/tokenizer_internal.h"
+#include "qlora/checkpoint.h"
+#include "qlora/error.h"
+#include "qlora/log.h"
+#include "qlora/metrics.h"
+#include "qlora/safetensors.h"
+#include "qlora/trainer.h"
+
+namespace qlora {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::atomic<int> g_stop_signal{0};
+extern "C" void on_stop_signal(int sig) { g_stop_signal.store(sig); }
+
+// Installs SIGINT/SIGTERM handlers for the lifetime of the run, restoring the old ones after.
+struct StopSignals {
+  struct sigaction old_int {}, old_term {};
+  StopSignals() {
+    g_stop_signal.store(0);
+    struct sigaction sa {};
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, &old_int);
+    sigaction(SIGTERM, &sa, &old_term);
+  }
+  ~StopSignals() {
+    sigaction(SIGINT, &old_int, nullptr);
+    sigaction(SIGTERM, &old_term, nullptr);
+  }
+};
+
+LrScheduleKind schedule_kind(LrScheduler s) {
+  switch (s) {
+    case LrScheduler::cosine: return LrScheduleKind::cosine;
+    case LrScheduler::linear: return LrScheduleKind::linear;
+    case LrScheduler::constant: return LrScheduleKind::constant;
+    case LrScheduler::constant_with_warmup: return LrScheduleKind::constant_with_warmup;
+  }
+  return LrScheduleKind::cosine;
+}
+
+const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16: return "bf16";
+    case at::kHalf: return "fp16";
+    case at::kFloat: return "fp32";
+    default: return "?";
+  }
+}
+
+// Peak memory: the CUDA allocator's peak on a GPU, the process's resident high-water mark on the CPU.
+int64_t peak_memory_bytes(const at::Device& device) {
+#ifdef QLORA_WITH_CUDA
+  if (device.is_cuda()) {
+    const auto s = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+    return s.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
+  }
+#else
+  (void)device;
+#endif
+  std::ifstream in("/proc/self/status");
+  std::string key;
+  while (in >> key) {
+    if (key == "VmHWM:") {
+      int64_t kb = 0;
+      in >> kb;
+      return kb * 1024;
+    }
+    std::string rest;
+    std::getline(in, rest);
+  }
+  return 0;
+}
+
+std::string fixed(double v, int digits) {
+  std::ostringstream s;
+  s << std::fixed << std::setprecision(digits) << v;
+  return s.str();
+}
+
+std::string sci(double v) {
+  std::ostringstream s;
+  s << std::scientific << std::setprecision(2) << v;
+  return s.str();
+}
+
+std::string hms(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) seconds = 0;
+  const auto s = static_cast<int64_t>(seconds + 0.5);
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%02lld:%02lld:%02lld", static_cast<long long>(s / 3600),
+                static_cast<long long>(s / 60 % 60), static_cast<long long>(s % 60));
+  return buf;
+}
+
+bool all_pretokenized(const TrainConfig& config) {
+  for (const auto& d : config.datasets)
+    if (d.type != DatasetType::pretokenized) return false;
+  return !config.datasets.empty();
+}
+
+}  // namespace
+
+at::Device resolve_train_device(const std::string& device) {
+  const bool has_cuda = at::hasCUDA();
+  if (device == "auto") return has_cuda ? at::Device(at::kCUDA, 0) : at::Device(at::kCPU);
+  if (device == "cpu") return at::kCPU;
+  if (device == "cuda" || device.rfind("cuda:", 0) == 0) {
+    if (!has_cuda) throw UserError("device: '" + device + "' requested, but this build or machine has no CUDA device");
+    int64_t index = 0;
+    if (device.size() > 5) {
+      try {
+        size_t used = 0;
+        index = std::stoll(device.substr(5), &used);
+        if (used != device.size() - 5) throw std::invalid_argument("trailing");
+      } catch (const std::exception&) {
+        throw UserError("device: expected auto, cpu, cuda or cuda:N, found '" + device + "'");
+      }
+    }
+    const int64_t n = static_cast<int64_t>(at::detail::getCUDAHooks().deviceCount());
+    if (index < 0 || index >= n)
+      throw UserError("device: '" + device + "' but there are " + std::to_string(n) + " CUDA devices");
+    return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(index));
+  }
+  throw UserError("device: expected auto, cpu, cuda or cuda:N, found '" + device + "'");
+}
+
+at::ScalarType resolve_compute_dtype(const TrainConfig& config, const at::Device& device) {
+  if (config.fp16) return at::kHalf;
+  if (config.bf16 == Bf16Mode::on) return at::kBFloat16;
+  if (!device.is_cuda()) return at::kFloat;
+  if (config.bf16 == Bf16Mode::off) return at::kFloat;
+  bool has_bf16 = false;
+#ifdef QLORA_WITH_CUDA
+  has_bf16 = at::cuda::getDeviceProperties(device.index())->major >= 8;
+#endif
+  return has_bf16 ? at::kBFloat16 : at::kHalf;  // Turing (T4): fp16 with the loss scaler
+}
+
+Tokenizer load_train_tokenizer(const TrainConfig& config, int64_t model_vocab_size) {
+  const fs::path path = config.tokenizer_config.empty() ? fs::path(config.base_model) : fs::path(config.tokenizer_config);
+  std::error_code ec;
+  const bool has_json = fs::is_regular_file(path, ec) || fs::exists(path / "tokenizer.json", ec);
+  if (has_json || !all_pretokenized(config)) return load_tokenizer(path);
+  // Pretokenized data needs only the vocabulary size (ids are checked against it).
+  log_info(cat("no tokenizer.json in ", path.string(), ": the datasets are pretokenized, so token ids are only checked "
+               "against the model's vocabulary (", model_vocab_size, ")"));
+  Tokenizer tok;
+  TokenizerImpl& t = tok.impl();
+  t.source = "(vocabulary-only placeholder for pretokenized data)";
+  t.tokens.resize(static_cast<size_t>(model_vocab_size));
+  for (int64_t i = 0; i < model_vocab_size; ++i) t.tokens[static_cast<size_t>(i)] = "<id_" + std::to_string(i) + ">";
+  static std::atomic<uint64_t> serial{0};
+  t.serial = (uint64_t{0xF1} << 56) + ++serial;  // distinct from every loaded tokenizer's BPE cache
+  finish_tokenizer(t);
+  return tok;
+}
+
+Trainer make_trainer(const TrainConfig& config, const TrainerOptions& options) {
+  Trainer t;
+  t.config = config;
+  t.options = options;
+  t.device = resolve_train_device(config.device);
+  t.compute_dtype = resolve_compute_dtype(config, t.device);
+  at::manual_seed(static_cast<uint64_t>(config.seed));  // dropout masks: same seed, same curve
+
+  ModelLoadOptions mo;
+  mo.load_in_4bit = config.adapter == AdapterType::qlora && config.load_in_4bit;
+  mo.double_quant = config.bnb_4bit_use_double_quant;
+  mo.compute_dtype = t.compute_dtype;
+  mo.device = t.device;
+  const auto t0 = std::chrono::steady_clock::now();
+  t.model = load_llama(config.base_model, mo);
+  log_info(cat("model ", config.base_model, ": ", t.model.layers.size(), " layers, hidden ", t.model.config.hidden_size,
+               ", vocab ", t.model.config.vocab_size, ", ", mo.load_in_4bit ? "NF4" : "16-bit", " base, compute ",
+               dtype_name(t.compute_dtype), " on ", t.device.str(), " (",
+               fixed(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1), " s)"));
+
+  const Tokenizer tokenizer = load_train_tokenizer(config, t.model.config.vocab_size);
+  t.data = prepare_data(config, tokenizer, prepared_data_dir(config));
+  if (t.data.train.empty()) throw UserError("no training examples left after preparing the datasets");
+  t.batching.sequence_len = config.sequence_len;
+  t.batching.micro_batch_size = config.micro_batch_size;
+  t.batching.sample_packing = config.sample_packing;
+  t.batching.pad_id = tokenizer.pad_id() >= 0 ? tokenizer.pad_id() : (tokenizer.eos_id() >= 0 ? tokenizer.eos_id() : 0);
+  t.batching.seed = static_cast<uint64_t>(config.seed);
+  t.plan = plan_micro_batches(t.data.train, t.batching);
+  t.plan_epoch = 0;
+  t.micro_batches_per_epoch = static_cast<int64_t>(t.plan.size());
+  if (t.micro_batches_per_epoch == 0) throw UserError("the training split makes no micro-batches");
+  log_info(cat("data: ", t.data.train.size(), " train / ", t.data.val.size(), " val examples, ", t.data.stats.tokens,
+               " tokens (", t.data.stats.trainable_tokens, " trained), ", t.micro_batches_per_epoch,
+               " micro-batches per epoch", t.data.from_cache ? " (cached)" : ""));
+
+  t.lora = make_lora(t.model, lora_options_from_config(config), static_cast<uint64_t>(config.seed));
+  for (auto& [name, p] : named_lora_parameters(t.lora)) {
+    t.param_names.push_back(name);
+    t.params.push_back(p);
+  }
+  t.optimizer = adamw_init(t.param_names, t.params);
+  t.adamw = {config.adam_beta1, config.adam_beta2, config.adam_epsilon, config.weight_decay};
+
+  const int64_t ga = std::max(1, config.gradient_accumulation_steps);
+  t.total_steps = config.max_steps > 0
+                      ? config.max_steps
+                      : std::max<int64_t>(1, static_cast<int64_t>(std::ceil(
+                                                 config.num_epochs * static_cast<double>(t.micro_batches_per_epoch) /
+                                                 static_cast<double>(ga) - 1e-9)));
+  t.schedule.kind = schedule_kind(config.lr_scheduler);
+  t.schedule.base_lr = config.learning_rate;
+  t.schedule.total_steps = t.total_steps;
+  t.schedule.warmup_steps = resolve_warmup_steps(config.warmup_steps, config.warmup_ratio, t.total_steps);
+
+  if (t.compute_dtype == at::kHalf || options.force_loss_scaler) {
+    LossScalerOptions so;
+    if (options.init_loss_scale > 0) so.init_scale = options.init_loss_scale;
+    t.scaler = make_loss_scaler(so, t.device);
+  }
+  log_info(cat("LoRA r ", config.lora_r, ", alpha ", config.lora_alpha, ": ", lora_parameter_count(t.lora),
+               " trainable parameters; ", t.total_steps, " steps of ", ga, " x ", config.micro_batch_size,
+               " micro-batches, lr ", config.learning_rate, " (", to_string(t.schedule.kind), ", warmup ",
+               t.schedule.warmup_steps, ")", config.gradient_checkpointing ? ", gradient checkpointing" : "",
+               t.scaler ? ", dynamic loss scaling" : ""));
+  return t;
+}
+
+// ---- checkpoints ------------------------------------------------------------------------------
+
+fs::path save_trainer_checkpoint(Trainer& t) {
+  NamedTensors tensors;
+  for (size_t i = 0; i < t.params.size(); ++i) tensors.emplace_back("lora." + t.param_names[i], t.params[i].detach());
+  for (auto& nt : adamw_state_tensors(t.optimizer, "optimizer.")) tensors.push_back(std::move(nt));
+  for (auto& nt : rng_state_tensors()) tensors.push_back(std::move(nt));
+  nlohmann::json state = {
+      {"step", t.step},
+      {"total_steps", t.total_steps},
+      {"data_position", {{"epoch", t.position.epoch}, {"micro_batch", t.position.micro_batch}}},
+      {"scheduler", {{"kind", to_string(t.schedule.kind)}, {"base_lr", t.schedule.base_lr},
+                     {"warmup_steps", t.schedule.warmup_steps}, {"total_steps", t.schedule.total_steps},
+                     {"last_step", t.step}}},
+      {"data_cache_key", t.data.cache_key},
+  };
+  if (t.scaler) state["loss_scaler"] = loss_scaler_state(*t.scaler);
+  return save_checkpoint(t.config.output_dir, t.step, tensors, state, t.config.save_total_limit);
+}
+
+void load_trainer_checkpoint(Trainer& t, const fs::path& dir) {
+  const Checkpoint ck = load_checkpoint(dir);
+  {
+    at::NoGradGuard no_grad;
+    for (size_t i = 0; i < t.params.size(); ++i) {
+      const at::Tensor& src = ck.tensor("lora." + t.param_names[i]);
+      if (src.sizes() != t.params[i].sizes())
+        throw UserError(cat("checkpoint ", dir.string(), ": tensor lora.", t.param_names[i], " has shape ", src.sizes(),
+                            ", the adapter of this config needs ", t.params[i].sizes(), " (different lora_r or targets?)"));
+      t.params[i].copy_(src);
+    }
+  }
+  adamw_load_state(t.optimizer, ck.tensors, "optimizer.");
+  restore_rng_state(ck.tensors);
+  const nlohmann::json& s = ck.state;
+  try {
+    t.step = s.at("step").get<int64_t>();
+    t.position.epoch = s.at("data_position").at("epoch").get<int64_t>();
+    t.position.micro_batch = s.at("data_position").at("micro_batch").get<int64_t>();
+    if (s.contains("total_steps") && s["total_steps"].get<int64_t>() != t.total_steps)
+      log_warn(cat("checkpoint ", dir.string(), " was written by a run of ", s["total_steps"].get<int64_t>(),
+                   " steps; this config runs ", t.total_steps, " (the schedule follows this config)"));
+    if (s.contains("data_cache_key") && s["data_cache_key"].get<std::string>() != t.data.cache_key)
+      log_warn(cat("checkpoint ", dir.string(), ": the prepared data differs from the data it was trained on"));
+    if (t.scaler && s.contains("loss_scaler")) load_loss_scaler_state(*t.scaler, s["loss_scaler"]);
+  } catch (const nlohmann::json::exception& e) {
+    throw UserError(cat("checkpoint ", dir.string(), ": state.json is malformed (", e.what(), ")"));
+  }
+  t.plan_epoch = -1;  // re-planned for the restored epoch
+}
+
+// ---- the run ----------------------------------------------------------------------------------
+
+TrainRunResult run_training(const TrainConfig& config, const TrainerOptions& options) {
+  Trainer t = make_trainer(config, options);
+  TrainRunResult result;
+  const fs::path out = config.output_dir;
+  const bool outputs = options.write_outputs;
+  if (outputs) fs::create_directories(out);
+
+  std::optional<fs::path> resume;
+  if (outputs) resume = resolve_resume_checkpoint(config.resume_from_checkpoint, out);
+  if (resume) {
+    load_trainer_checkpoint(t, *resume);
+    log_info(cat("resumed from ", resume->string(), " at step ", t.step, " (epoch ", t.position.epoch, ", micro-batch ",
+                 t.position.micro_batch, ")"));
+  }
+  std::optional<MetricsLog> metrics;
+  if (outputs) {
+    metrics = open_metrics_log(out / "metrics.jsonl", resume ? t.step : -1);
+    write_file_atomic(out / "config.resolved.yaml", config_to_yaml(config));
+  }
+  const std::string title = cat("qlora: ", fs::path(config.base_model).filename().string(), " r", config.lora_r);
+  auto write_svg = [&] {
+    if (outputs) write_loss_curve_svg(out / "loss.svg", read_loss_curve(out / "metrics.jsonl"), title);
+  };
+  auto run_eval = [&] {
+    const std::optional<double> ev = evaluate(t);
+    if (!ev) return false;
+    const double ppl = std::exp(std::min(*ev, 700.0));
+    log_info(cat("eval step ", t.step, ": loss ", fixed(*ev, 4), ", perplexity ", fixed(ppl, 2)));
+    if (metrics) append_metrics(*metrics, {{"step", t.step}, {"eval_loss", *ev}, {"eval_perplexity", ppl}});
+    return true;
+  };
+
+  StopSignals signals;
+  const auto start = std::chrono::steady_clock::now();
+  const int64_t first_step = t.step;
+  int64_t last_saved = -1, last_eval = -1;
+  const int w = static_cast<int>(std::to_string(t.total_steps).size());
+  while (t.step < t.total_steps) {
+    const auto s0 = std::chrono::steady_clock::now();
+    const StepResult r = train_step(t);
+    const auto s1 = std::chrono::steady_clock::now();
+    const double dt = std::chrono::duration<double>(s1 - s0).count();
+    const double elapsed = std::chrono::duration<double>(s1 - start).count();
+    const double eta = elapsed / static_cast<double>(t.step - first_step) * static_cast<double>(t.total_steps - t.step);
+    result.losses.push_back(r.loss);
+    std::ostringstream step_str;
+    step_str << std::setw(w) << t.step << "/" << t.total_steps;
+    log_info(cat("step ", step_str.str(), " | loss ", fixed(r.loss, 4), " | lr ", sci(r.lr), " | grad-norm ",
+                 fixed(r.grad_norm, 3), r.skipped ? " (skipped)" : "", " | ", fixed(r.tokens / std::max(dt, 1e-9), 0),
+                 " tok/s | peak mem ", fixed(static_cast<double>(peak_memory_bytes(t.device)) / (1 << 20), 1),
+                 " MiB | ETA ", hms(eta)));
+    if (metrics && (config.logging_steps <= 1 || t.step % config.logging_steps == 0 || t.step == t.total_steps)) {
+      nlohmann::json rec = {{"step", t.step},
+                            {"loss", r.loss},
+                            {"lr", r.lr},
+                            {"grad_norm", std::isfinite(r.grad_norm) ? nlohmann::json(r.grad_norm) : nlohmann::json()},
+                            {"tokens", r.tokens},
+                            {"tokens_per_s", r.tokens / std::max(dt, 1e-9)},
+                            {"epoch", (static_cast<double>(t.position.epoch) +
+                                       static_cast<double>(t.position.micro_batch) /
+                                           static_cast<double>(t.micro_batches_per_epoch))},
+                            {"peak_memory_bytes", peak_memory_bytes(t.device)}};
+      if (r.skipped) rec["skipped"] = true;
+      if (t.scaler) rec["loss_scale"] = loss_scale_value(*t.scaler);
+      append_metrics(*metrics, rec);
+    }
+    if (config.eval_steps > 0 && t.step % config.eval_steps == 0 && run_eval()) last_eval = t.step;
+    const bool stop = g_stop_signal.load() != 0 || (options.stop_after_step >= 0 && t.step >= options.stop_after_step);
+    if (outputs && ((config.save_steps > 0 && t.step % config.save_steps == 0) || stop)) {
+      result.last_checkpoint = save_trainer_checkpoint(t);
+      last_saved = t.step;
+      write_svg();
+      log_info(cat("checkpoint ", result.last_checkpoint.string()));
+    }
+    if (stop) {
+      const int sig = g_stop_signal.load();
+      log_info(cat(sig != 0 ? cat("signal ", sig, ": ") : std::string(), "stopped after step ", t.step, "; resume with ",
+                   "resume_from_checkpoint=auto"));
+      result.interrupted = true;
+      break;
+    }
+  }
+  result.steps = t.step;
+  if (result.interrupted) return result;
+
+  if (!t.data.val.empty() && last_eval != t.step) run_eval();
+  if (outputs) {
+    if (last_saved != t.step) result.last_checkpoint = save_trainer_checkpoint(t);
+    save_peft_adapter(out, t.lora, t.model.config, config.base_model);
+    result.adapter_dir = out;
+    write_svg();
+    log_info(cat("done: ", t.step, " steps; adapter in ", out.string(), " (adapter_config.json, adapter_model.safetensors), "
+                 "loss curve ", (out / "loss.svg").string()));
+  }
+  return result;
+}
+
+}  // namespace qlora

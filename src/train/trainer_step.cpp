@@ -1,0 +1,208 @@
+// One optimizer step (DESIGN.md "Data flow"): the micro-batch stream, the explicit layer loop with
+// activation checkpointing (forward under no-grad keeping only each layer's input; backward layer by
+// layer, recomputing each from its input with the RNG state of its forward so LoRA dropout draws the
+// same mask), the fused loss with the step's exact normalizer, the loss-scale check, clipping, AdamW,
+// and the no-grad evaluation loop.
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <cmath>
+#include <limits>
+#include <mutex>
+
+#include "qlora/error.h"
+#include "qlora/flce.h"
+#include "qlora/log.h"
+#include "qlora/trainer.h"
+
+namespace qlora {
+
+namespace {
+
+at::Generator device_generator(const at::Device& device) {
+  if (device.is_cuda()) return at::globalContext().defaultGenerator(device);
+  return at::detail::getDefaultCPUGenerator();
+}
+
+at::Tensor get_rng(const at::Device& device) {
+  at::Generator gen = device_generator(device);
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+
+void set_rng(const at::Device& device, const at::Tensor& state) {
+  at::Generator gen = device_generator(device);
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state);
+}
+
+// The loss of final hidden states h [B, T, H]: sum of token losses / normalizer.
+at::Tensor head_loss(const Trainer& t, const at::Tensor& h, const at::Tensor& targets, double normalizer) {
+  const at::Tensor x = rms_norm(h, t.model.norm, t.model.config.rms_norm_eps);
+  FlceOptions o;
+  o.reduction = FlceOptions::Reduction::mean;
+  o.normalizer = normalizer;  // the step's target tokens, not this micro-batch's
+  return fused_linear_cross_entropy(x.reshape({-1, x.size(-1)}), t.model.lm_head, targets.reshape({-1}), o);
+}
+
+}  // namespace
+
+std::vector<int64_t> next_micro_batch(Trainer& t) {
+  auto ensure_plan = [&t] {
+    if (t.plan_epoch == t.position.epoch) return;
+    BatchingOptions b = t.batching;
+    b.seed = t.batching.seed + static_cast<uint64_t>(t.position.epoch);  // a new order each epoch
+    t.plan = plan_micro_batches(t.data.train, b);
+    t.plan_epoch = t.position.epoch;
+    if (t.plan.empty()) throw UserError("the training split has no micro-batches");
+  };
+  ensure_plan();
+  if (t.position.micro_batch >= static_cast<int64_t>(t.plan.size())) {
+    ++t.position.epoch;
+    t.position.micro_batch = 0;
+    ensure_plan();
+  }
+  return t.plan.at(static_cast<size_t>(t.position.micro_batch++));
+}
+
+Batch make_train_batch(const Trainer& t, const std::vector<int64_t>& indices) {
+  return make_batch(t.data.train, indices, t.batching);
+}
+
+at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, double loss_multiplier) {
+  const LlamaWeights& m = t.model;
+  const at::Tensor ids = batch.input_ids.to(m.device);
+  const at::Tensor pos = batch.position_ids.to(m.device);
+  const at::Tensor targets = batch.target_ids.to(m.device);
+  const int64_t B = ids.size(0), T = ids.size(1);
+  const size_t L = m.layers.size();
+  const AttentionInputs attn = attention_inputs(m, pos, B, T);
+  const at::Tensor h0 = at::embedding(m.embed_tokens, ids);  // frozen: no gradient needed below it
+
+  if (!t.config.gradient_checkpointing) {
+    // The plain autograd graph: every layer's activations stay until the backward.
+    at::Tensor h = h0;
+    for (size_t i = 0; i < L; ++i) h = decoder_layer(h, m.layers[i], m, attn, t.scratch, &t.lora.layers[i], true);
+    const at::Tensor loss = head_loss(t, h, targets, normalizer);
+    (loss_multiplier == 1.0 ? loss : loss * loss_multiplier).backward();
+    return loss.detach();
+  }
+
+  // Forward, activations not kept: only each layer's input h_i and the RNG state before it.
+  std::vector<at::Tensor> inputs(L), rng(L);
+  at::Tensor h = h0;
+  {
+    at::NoGradGuard no_grad;
+    for (size_t i = 0; i < L; ++i) {
+      // unshard(layer i): multi-GPU (later issue) all-gathers the NF4 bytes + LoRA shards here
+      inputs[i] = h;
+      rng[i] = get_rng(m.device);
+      h = decoder_layer(h, m.layers[i], m, attn, t.scratch, &t.lora.layers[i], true);
+      // reshard(layer i)
+    }
+  }
+  const at::Tensor rng_after_forward = get_rng(m.device);
+
+  // Loss on the last hidden state, as a leaf: its gradient is the first upstream gradient.
+  const at::Tensor h_last = h.detach().requires_grad_(true);
+  const at::Tensor loss = head_loss(t, h_last, targets, normalizer);
+  (loss_multiplier == 1.0 ? loss : loss * loss_multiplier).backward();
+  at::Tensor dh = h_last.grad();
+
+  // Backward layer by layer: recompute layer i from h_i with grad on, backward dh, pass dh_i down.
+  for (size_t k = L; k-- > 0;) {
+    // unshard(layer k)
+    const at::Tensor hin = inputs[k].detach().requires_grad_(k > 0);
+    set_rng(m.device, rng[k]);  // the same dropout masks as the forward (preserve_rng_state)
+    const at::Tensor out = decoder_layer(hin, m.layers[k], m, attn, t.scratch, &t.lora.layers[k], true);
+    torch::autograd::backward({out}, {dh});
+    // reduce-scatter layer k's LoRA grads; reshard(layer k)
+    if (k > 0) dh = hin.grad();
+    inputs[k] = at::Tensor();  // free the kept input as soon as it is used
+  }
+  set_rng(m.device, rng_after_forward);  // as if the forward had run once, with grad
+  return loss.detach();
+}
+
+StepResult train_step_on(Trainer& t, const std::vector<Batch>& batches) {
+  StepResult r;
+  for (const Batch& b : batches) {
+    r.tokens += b.n_tokens;
+    r.target_tokens += b.n_target_tokens;
+  }
+  // The exact normalizer: the target tokens of the whole step (DESIGN "Numbers that must hold").
+  const double normalizer = static_cast<double>(std::max<int64_t>(1, r.target_tokens));
+  const bool inject = t.options.inject_overflow_step >= 0 && t.step == t.options.inject_overflow_step;
+  double multiplier = t.scaler ? loss_scale_value(*t.scaler) : 1.0;
+  if (inject) {
+    log_warn(cat("test hook: multiplying the loss of step ", t.step + 1, " by inf"));
+    multiplier = std::numeric_limits<double>::infinity();
+  }
+
+  at::Tensor loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(t.device));
+  for (const Batch& b : batches) loss_sum.add_(forward_backward(t, b, normalizer, multiplier));
+
+  std::vector<at::Tensor> grads;
+  grads.reserve(t.params.size());
+  for (const at::Tensor& p : t.params) grads.push_back(p.grad());
+
+  r.lr = lr_at(t.schedule, t.step);
+  bool overflow = false;
+  if (t.scaler) {
+    overflow = unscale_grads(*t.scaler, grads);
+  } else if (inject) {
+    overflow = true;  // no scaler to unscale: the hook's inf gradients are skipped all the same
+  }
+  if (!overflow) {
+    const ClipResult clip = clip_grad_norm(grads, t.config.max_grad_norm);
+    r.grad_norm = clip.norm;
+    overflow = !clip.finite;
+  } else {
+    r.grad_norm = std::numeric_limits<double>::infinity();
+  }
+  if (overflow) {
+    r.skipped = true;
+    log_warn(cat("step ", t.step + 1, ": non-finite gradients, step skipped",
+                 t.scaler ? cat(" (loss scale ", loss_scale_value(*t.scaler), " -> lowered)") : std::string()));
+  } else {
+    adamw_step(t.optimizer, t.params, grads, r.lr, t.adamw);
+  }
+  if (t.scaler) update_loss_scale(*t.scaler);
+  for (at::Tensor& p : t.params) p.mutable_grad() = at::Tensor();
+  ++t.step;
+  r.loss = loss_sum.item<double>();  // unmultiplied: finite even when the scaled loss overflowed
+  return r;
+}
+
+StepResult train_step(Trainer& t) {
+  std::vector<Batch> batches;
+  const int ga = std::max(1, t.config.gradient_accumulation_steps);
+  batches.reserve(static_cast<size_t>(ga));
+  for (int i = 0; i < ga; ++i) batches.push_back(make_train_batch(t, next_micro_batch(t)));
+  return train_step_on(t, batches);
+}
+
+std::optional<double> evaluate(Trainer& t) {
+  if (t.data.val.empty()) return std::nullopt;
+  at::NoGradGuard no_grad;
+  BatchingOptions b = t.batching;
+  const std::vector<std::vector<int64_t>> plan = plan_micro_batches(t.data.val, b);
+  double sum = 0.0;
+  int64_t n = 0;
+  FlceOptions o;
+  o.reduction = FlceOptions::Reduction::sum;
+  for (const auto& idx : plan) {
+    const Batch batch = make_batch(t.data.val, idx, b);
+    if (batch.n_target_tokens == 0) continue;
+    ForwardInputs in{batch.input_ids.to(t.device), batch.position_ids.to(t.device)};
+    const at::Tensor h = llama_hidden_states(t.model, in, t.scratch, &t.lora, /*training=*/false);
+    sum += fused_linear_cross_entropy_forward(h.reshape({-1, h.size(-1)}), t.model.lm_head,
+                                              batch.target_ids.to(t.device).reshape({-1}), o)
+               .item<double>();
+    n += batch.n_target_tokens;
+  }
+  if (n == 0) return std::nullopt;
+  return sum / static_cast<double>(n);
+}
+
+}  // namespace qlora

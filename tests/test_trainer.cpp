@@ -1,0 +1,336 @@
+// The trainer (issue 7) on a tiny random Llama (tiny_llama.h) with pretokenized data, so no
+// tokenizer is needed: the loss falls; gradient accumulation of 4 equals a micro-batch 4 times
+// larger; checkpointing equals the plain graph (with LoRA dropout); resume equals an uninterrupted
+// run bitwise (fp32 CPU); an injected overflow is skipped under the loss scaler; `qlora train` end
+// to end. All fp32 on the CPU.
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/grad_mode.h>
+
+#include "qlora/checkpoint.h"
+#include "qlora/config.h"
+#include "qlora/metrics.h"
+#include "qlora/safetensors.h"
+#include "qlora/trainer.h"
+
+#include <catch2/catch_approx.hpp>
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "test_util.h"
+#include "tiny_llama.h"
+
+using Catch::Matchers::ContainsSubstring;
+namespace fs = std::filesystem;
+using nlohmann::json;
+using qlora::test::TempDir;
+
+namespace {
+
+// tiny_llama.h's shapes (hidden 64, 4 heads, 2 KV heads, intermediate 96, vocab 100, 2 layers),
+// fp32, no tokenizer.json; and 24 pretokenized examples of 12..20 tokens following x -> x + 3
+// (mod 100) from different starts: something a LoRA can learn quickly.
+void write_fixture(const fs::path& dir) {
+  at::manual_seed(5);
+  fs::create_directories(dir / "model");
+  const json cfg = {{"model_type", "llama"}, {"architectures", {"LlamaForCausalLM"}}, {"hidden_size", 64},
+                    {"intermediate_size", 96}, {"num_hidden_layers", 2}, {"num_attention_heads", 4},
+                    {"num_key_value_heads", 2}, {"vocab_size", 100}, {"rms_norm_eps", 1e-5},
+                    {"hidden_act", "silu"}, {"tie_word_embeddings", false}, {"torch_dtype", "float32"}};
+  qlora::test::write_file(dir / "model" / "config.json", cfg.dump(2));
+  qlora::NamedTensors ts = qlora::test::tiny_llama_tensors(at::kFloat);
+  for (auto& [name, t] : ts)
+    if (name.find("norm.weight") != std::string::npos) t = t + 1.0;
+    else t = t * 4.0;
+  qlora::save_safetensors(dir / "model" / "model.safetensors", ts);
+  std::ostringstream data;
+  for (int k = 0; k < 24; ++k) {
+    json ids = json::array();
+    int x = (7 * k) % 100;
+    for (int i = 0; i < 12 + k % 9; ++i, x = (x + 3) % 100) ids.push_back(x);
+    data << json{{"input_ids", ids}}.dump() << "\n";
+  }
+  qlora::test::write_file(dir / "data.jsonl", data.str());
+}
+
+std::string yaml(const fs::path& dir, const std::string& extra) {
+  return "base_model: " + (dir / "model").string() + "\n" +
+         "adapter: lora\nload_in_4bit: false\n"
+         "lora_r: 4\nlora_alpha: 8\nlora_dropout: 0.0\nlora_target_linear: true\n"
+         "datasets:\n  - path: " + (dir / "data.jsonl").string() + "\n    type: input_ids\n" +
+         "sequence_len: 32\nsample_packing: false\nmicro_batch_size: 1\ngradient_accumulation_steps: 1\n"
+         "max_steps: 30\nlearning_rate: 0.005\nlr_scheduler: constant\nmax_grad_norm: 1.0\n"
+         "device: cpu\nseed: 7\nlogging_steps: 1\n"
+         "output_dir: " + (dir / "out").string() + "\n" + extra;
+}
+
+qlora::TrainConfig config(const fs::path& dir, const std::vector<std::string>& overrides = {}, const std::string& extra = "") {
+  return qlora::parse_config(yaml(dir, extra), "test.yaml", overrides);
+}
+
+double max_abs_diff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
+
+}  // namespace
+
+TEST_CASE("trainer: the loss falls over 30 steps (fp32 CPU, NF4 base)", "[train]") {
+  TempDir d("qlora_train");
+  write_fixture(d.path);
+  qlora::TrainerOptions o;
+  o.write_outputs = false;
+  qlora::Trainer t = qlora::make_trainer(config(d.path, {"adapter=qlora", "load_in_4bit=true"}), o);
+  REQUIRE(t.total_steps == 30);
+  REQUIRE(t.compute_dtype == at::kFloat);
+  std::vector<double> losses;
+  while (t.step < t.total_steps) losses.push_back(qlora::train_step(t).loss);
+  double first = 0, last = 0;
+  for (int i = 0; i < 5; ++i) {
+    first += losses[i] / 5;
+    last += losses[losses.size() - 1 - i] / 5;
+  }
+  CAPTURE(first, last);
+  for (double l : losses) REQUIRE(std::isfinite(l));
+  CHECK(last < first - 0.5);
+}
+
+TEST_CASE("trainer: gradient accumulation of 4 equals one micro-batch 4 times larger", "[train]") {
+  TempDir d("qlora_train");
+  write_fixture(d.path);
+  qlora::TrainerOptions o;
+  o.write_outputs = false;
+  qlora::Trainer a = qlora::make_trainer(config(d.path, {"gradient_accumulation_steps=4", "micro_batch_size=1"}), o);
+  qlora::Trainer b = qlora::make_trainer(config(d.path, {"gradient_accumulation_steps=1", "micro_batch_size=4"}), o);
+  // Give B (zero at init) values so that every LoRA gradient is non-zero.
+  for (qlora::Trainer* t : {&a, &b}) {
+    at::NoGradGuard ng;
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(3);
+    for (at::Tensor& p : t->params) p.add_(at::randn(p.sizes(), gen) * 0.05);
+  }
+  // Examples of different lengths: padding in the big batch, different counts per micro-batch.
+  const std::vector<int64_t> idx = {0, 1, 2, 3};
+  std::vector<qlora::Batch> small;
+  int64_t targets = 0;
+  for (int64_t i : idx) {
+    small.push_back(qlora::make_train_batch(a, {i}));
+    targets += small.back().n_target_tokens;
+  }
+  const qlora::Batch big = qlora::make_train_batch(b, idx);
+  REQUIRE(big.input_ids.size(0) == 4);
+  REQUIRE(big.n_target_tokens == targets);
+
+  double loss_a = 0;
+  for (const auto& s : small) loss_a += qlora::forward_backward(a, s, static_cast<double>(targets)).item<double>();
+  const double loss_b = qlora::forward_backward(b, big, static_cast<double>(targets)).item<double>();
+  CHECK(loss_a == Catch::Approx(loss_b).epsilon(1e-6));
+  for (size_t i = 0; i < a.params.size(); ++i) {
+    CAPTURE(a.param_names[i]);
+    REQUIRE(a.params[i].grad().defined());
+    CHECK(max_abs_diff(a.params[i].grad(), b.params[i].grad()) <= 1e-5);
+    a.params[i].mutable_grad() = at::Tensor();
+    b.params[i].mutable_grad() = at::Tensor();
+  }
+  // One whole optimizer step each way.
+  const qlora::StepResult ra = qlora::train_step_on(a, small);
+  const qlora::StepResult rb = qlora::train_step_on(b, {big});
+  CHECK(ra.loss == Catch::Approx(rb.loss).epsilon(1e-6));
+  CHECK(ra.grad_norm == Catch::Approx(rb.grad_norm).epsilon(1e-5));
+  for (size_t i = 0; i < a.params.size(); ++i) {
+    CAPTURE(a.param_names[i]);
+    CHECK(max_abs_diff(a.params[i], b.params[i]) <= 1e-5);
+  }
+}
+
+TEST_CASE("trainer: activation checkpointing equals the plain graph, with LoRA dropout", "[train]") {
+  TempDir d("qlora_train");
+  write_fixture(d.path);
+  qlora::TrainerOptions o;
+  o.write_outputs = false;
+  const std::vector<std::string> common = {"lora_dropout=0.1", "micro_batch_size=2", "gradient_accumulation_steps=2"};
+  auto on_cfg = common, off_cfg = common;
+  on_cfg.push_back("gradient_checkpointing=true");
+  off_cfg.push_back("gradient_checkpointing=false");
+  qlora::Trainer on = qlora::make_trainer(config(d.path, on_cfg), o);
+  qlora::Trainer off = qlora::make_trainer(config(d.path, off_cfg), o);
+  for (qlora::Trainer* t : {&on, &off}) {
+    at::NoGradGuard ng;
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(3);
+    for (at::Tensor& p : t->params) p.add_(at::randn(p.sizes(), gen) * 0.05);
+  }
+  // Gradients of one micro-batch.
+  at::manual_seed(99);
+  const qlora::Batch batch = qlora::make_train_batch(on, {4, 5});
+  const double l_on = qlora::forward_backward(on, batch, 50.0).item<double>();
+  at::manual_seed(99);
+  const double l_off = qlora::forward_backward(off, batch, 50.0).item<double>();
+  CHECK(std::abs(l_on - l_off) <= 1e-6);
+  for (size_t i = 0; i < on.params.size(); ++i) {
+    CAPTURE(on.param_names[i]);
+    CHECK(max_abs_diff(on.params[i].grad(), off.params[i].grad()) <= 1e-6);
+    on.params[i].mutable_grad() = at::Tensor();
+    off.params[i].mutable_grad() = at::Tensor();
+  }
+  // Whole steps: the RNG stream continues identically after a checkpointed backward.
+  at::manual_seed(123);
+  std::vector<double> a, b;
+  for (int s = 0; s < 3; ++s) a.push_back(qlora::train_step(on).loss);
+  at::manual_seed(123);
+  for (int s = 0; s < 3; ++s) b.push_back(qlora::train_step(off).loss);
+  for (int s = 0; s < 3; ++s) CHECK(std::abs(a[s] - b[s]) <= 1e-6);
+  for (size_t i = 0; i < on.params.size(); ++i) CHECK(max_abs_diff(on.params[i], off.params[i]) <= 1e-6);
+}
+
+TEST_CASE("trainer: resume from step 10 equals the uninterrupted run bitwise (fp32 CPU)", "[train]") {
+  TempDir d("qlora_train");
+  write_fixture(d.path);
+  const std::vector<std::string> common = {"lora_dropout=0.1", "max_steps=20", "save_steps=5", "save_total_limit=2",
+                                           "lr_scheduler=cosine", "warmup_steps=3", "gradient_accumulation_steps=2"};
+  auto with_out = [&](const std::string& out, std::vector<std::string> extra) {
+    std::vector<std::string> v = common;
+    v.push_back("output_dir=" + (d.path / out).string());
+    for (auto& e : extra) v.push_back(e);
+    return config(d.path, v);
+  };
+  const qlora::TrainRunResult full = qlora::run_training(with_out("full", {}));
+  REQUIRE(full.steps == 20);
+  REQUIRE(full.losses.size() == 20);
+
+  qlora::TrainerOptions stop;
+  stop.stop_after_step = 10;
+  const qlora::TrainRunResult first = qlora::run_training(with_out("split", {}), stop);
+  CHECK(first.interrupted);
+  CHECK(first.steps == 10);
+  CHECK(fs::exists(d.path / "split" / "checkpoint-10"));
+  CHECK(fs::exists(d.path / "split" / "checkpoint-5"));  // save_total_limit 2: 5 and 10
+  const qlora::TrainRunResult rest = qlora::run_training(with_out("split", {"resume_from_checkpoint=auto"}));
+  REQUIRE(rest.steps == 20);
+  REQUIRE(rest.losses.size() == 10);
+  for (size_t i = 0; i < 10; ++i) {
+    CAPTURE(i);
+    CHECK(first.losses[i] == full.losses[i]);
+    CHECK(rest.losses[i] == full.losses[10 + i]);  // bitwise
+  }
+  const qlora::SafetensorsFile pa(d.path / "full" / "adapter_model.safetensors");
+  const qlora::SafetensorsFile pb(d.path / "split" / "adapter_model.safetensors");
+  REQUIRE(pa.names() == pb.names());
+  REQUIRE(pa.names().size() == 2 * 2 * 7);
+  for (const std::string& n : pa.names()) {
+    CAPTURE(n);
+    CHECK(at::equal(pa.tensor(n), pb.tensor(n)));
+  }
+  // The loss lines of metrics.jsonl are identical (the resumed run trimmed nothing it needed).
+  const qlora::LossCurve ca = qlora::read_loss_curve(d.path / "full" / "metrics.jsonl");
+  const qlora::LossCurve cb = qlora::read_loss_curve(d.path / "split" / "metrics.jsonl");
+  CHECK(ca.train == cb.train);
+  CHECK(ca.train.size() == 20);
+}
+
+TEST_CASE("trainer: an injected overflow is skipped under the loss scaler and training continues", "[train]") {
+  // fp16 compute on the CPU is not what this checks (the scaler's logic is dtype-independent):
+  // compute fp32 with the scaler forced on, and an inf multiplied into step 3's loss.
+  TempDir d("qlora_train");
+  write_fixture(d.path);
+  qlora::TrainerOptions o;
+  o.write_outputs = false;
+  o.force_loss_scaler = true;
+  o.inject_overflow_step = 2;
+  qlora::Trainer t = qlora::make_trainer(config(d.path, {"max_steps=6"}), o);
+  REQUIRE(t.scaler.has_value());
+  const double scale0 = qlora::loss_scale_value(*t.scaler);
+  std::vector<qlora::StepResult> rs;
+  std::vector<at::Tensor> before;
+  for (int s = 0; s < 6; ++s) {
+    if (s == 2)
+      for (const at::Tensor& p : t.params) before.push_back(p.detach().clone());
+    rs.push_back(qlora::train_step(t));
+    if (s == 2) {
+      CHECK(rs.back().skipped);
+      CHECK(qlora::loss_scale_value(*t.scaler) == scale0 / 2);
+      for (size_t i = 0; i < t.params.size(); ++i) CHECK(at::equal(before[i], t.params[i]));  // untouched
+    } else {
+      CHECK_FALSE(rs.back().skipped);
+    }
+    CHECK(std::isfinite(rs.back().loss));
+  }
+  CHECK(t.step == 6);
+  CHECK(qlora::loss_scale_value(*t.scaler) == scale0 / 2);
+  for (size_t i = 0; i < t.params.size(); ++i) {
+    CHECK(at::isfinite(t.params[i]).all().item<bool>());
+    CHECK_FALSE(at::equal(before[i], t.params[i]));  // steps after the skipped one did train
+  }
+}
+
+TEST_CASE("qlora train: end to end on a tiny config; a config typo is one line and exit 2", "[train]") {
+  TempDir d("qlora_train");
+  write_fixture(d.path);
+  const fs::path out = d.path / "out";
+  qlora::test::write_file(d.path / "cfg.yaml", yaml(d.path, "val_set_size: 4\neval_steps: 5\nsave_steps: 4\n"));
+  const qlora::test::Run r = qlora::test::run_qlora("train " + (d.path / "cfg.yaml").string() + " max_steps=8");
+  INFO(r.output);
+  REQUIRE(r.status == 0);
+  CHECK(fs::exists(out / "adapter_config.json"));
+  CHECK(fs::exists(out / "adapter_model.safetensors"));
+  CHECK(fs::exists(out / "loss.svg"));
+  CHECK(fs::exists(out / "config.resolved.yaml"));
+  CHECK(fs::exists(out / "checkpoint-4"));
+  CHECK(fs::exists(out / "checkpoint-8"));
+  const qlora::LossCurve c = qlora::read_loss_curve(out / "metrics.jsonl");
+  CHECK(c.train.size() == 8);
+  CHECK(c.eval.size() == 2);  // steps 5 and 8 (the end)
+  CHECK_THAT(r.output, ContainsSubstring("step 8/8"));
+  CHECK_THAT(r.output, ContainsSubstring("tok/s"));
+  CHECK_THAT(r.output, ContainsSubstring("ETA"));
+  CHECK_THAT(r.output, ContainsSubstring("loss.svg"));
+
+  const qlora::test::Run bad = qlora::test::run_qlora("train " + (d.path / "cfg.yaml").string() + " lora_rr=4");
+  INFO(bad.output);
+  CHECK(bad.status == 2);
+  CHECK_THAT(bad.output, ContainsSubstring("lora_rr"));
+  CHECK(std::count(bad.output.begin(), bad.output.end(), '\n') == 1);
+}
+
+TEST_CASE("qlora train: SIGINT finishes the step, writes a checkpoint and exits 0; auto resume continues", "[train]") {
+  TempDir d("qlora_train");
+  write_fixture(d.path);
+  const fs::path out = d.path / "out";
+  qlora::test::write_file(d.path / "cfg.yaml", yaml(d.path, ""));
+  // Wait until the first step is logged (the handlers are installed by then), then SIGINT.
+  const std::string script = std::string(QLORA_BINARY) + " train " + (d.path / "cfg.yaml").string() +
+                             " max_steps=1000000 >" + (d.path / "log.txt").string() + " 2>&1 & pid=$!; while [ ! -s " + (out / "metrics.jsonl").string() +
+                             " ]; do sleep 0.1; done; kill -INT $pid; wait $pid; echo \"exit=$?\"; cat " + (d.path / "log.txt").string();
+  const qlora::test::Run r = qlora::test::run_qlora("--version >/dev/null; " + script);
+  INFO(r.output);
+  CHECK_THAT(r.output, ContainsSubstring("exit=0"));
+  CHECK_THAT(r.output, ContainsSubstring("signal 2"));
+  const auto latest = qlora::find_latest_checkpoint(out);
+  REQUIRE(latest.has_value());
+  const qlora::test::Run again =
+      qlora::test::run_qlora("train " + (d.path / "cfg.yaml").string() + " resume_from_checkpoint=auto max_steps=" +
+                             std::to_string(qlora::load_checkpoint(*latest).step + 2));
+  INFO(again.output);
+  CHECK(again.status == 0);
+  CHECK_THAT(again.output, ContainsSubstring("resumed from"));
+}
+
+TEST_CASE("trainer: fp16 compute on the CPU with the dynamic loss scaler", "[train]") {
+  TempDir d("qlora_train");
+  write_fixture(d.path);
+  qlora::TrainerOptions o;
+  o.write_outputs = false;
+  qlora::Trainer t = qlora::make_trainer(config(d.path, {"fp16=true", "bf16=false", "max_steps=8"}), o);
+  REQUIRE(t.compute_dtype == at::kHalf);
+  REQUIRE(t.scaler.has_value());
+  int skipped = 0;
+  for (int s = 0; s < 8; ++s) {
+    const qlora::StepResult r = qlora::train_step(t);
+    skipped += r.skipped;
+    CHECK(std::isfinite(r.loss));
+  }
+  CHECK(skipped < 8);
+  for (const at::Tensor& p : t.params) CHECK(at::isfinite(p).all().item<bool>());
+}
