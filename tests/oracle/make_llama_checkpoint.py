@@ -6,6 +6,7 @@
                       low 1 / high 4 / original 8192, max_position 131072, untied, bf16): 8.03 B
                       parameters, 16 GB on disk in 5 GB shards. For `qlora bench model` and
                       `qlora inspect` on the GPU box (scripts/device-model), which has no network.
+  --shape llama3.2-1b Llama-3.2-1B's shape (hidden 2048, 16 layers, tied embeddings): 1.24 B parameters.
   --shape tiny        the same architecture at toy size, for trying the commands on a laptop.
 
 The weights are created directly in bf16 on the GPU (torch default dtype and device set before
@@ -24,6 +25,10 @@ SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
                       original_max_position_embeddings=8192),
+    # Llama-3.2-1B: 16 layers, hidden 2048, 32 heads / 8 KV heads, head_dim 64, tied embeddings.
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+                        original_max_position_embeddings=8192, tie_word_embeddings=True),
     "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=512,
                  original_max_position_embeddings=64),
@@ -36,14 +41,14 @@ def parameter_count(s):
     hd = h // s["num_attention_heads"]
     q, kv = s["num_attention_heads"] * hd, s["num_key_value_heads"] * hd
     per_layer = 2 * h * q + 2 * h * kv + 3 * h * i + 2 * h
-    return 2 * v * h + s["num_hidden_layers"] * per_layer + h
+    return (1 if s.get("tie_word_embeddings") else 2) * v * h + s["num_hidden_layers"] * per_layer + h
 
 
 def make_config(transformers, s):
     rope = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                 original_max_position_embeddings=s["original_max_position_embeddings"])
-    common = {k: v for k, v in s.items() if k != "original_max_position_embeddings"}
-    common.update(rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000 if s["vocab_size"] > 128000 else 1,
+    common = {k: v for k, v in s.items() if k not in ("original_max_position_embeddings", "tie_word_embeddings")}
+    common.update(rms_norm_eps=1e-5, tie_word_embeddings=bool(s.get("tie_word_embeddings")), bos_token_id=128000 if s["vocab_size"] > 128000 else 1,
                   eos_token_id=128001 if s["vocab_size"] > 128001 else 2, hidden_act="silu",
                   attention_bias=False, mlp_bias=False)
     if int(transformers.__version__.split(".")[0]) >= 5:  # v5: rope_theta lives inside rope_parameters
