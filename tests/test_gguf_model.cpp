@@ -11,6 +11,7 @@
 #include "qlora/model.h"
 #include "qlora/safetensors.h"
 #include "qlora/tokenizer.h"
+#include "test_util.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/util/Half.h>
@@ -35,15 +36,7 @@ using qlora::GgmlType;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static std::atomic<int> n{0};
-    path = fs::temp_directory_path() / ("qlora_gguf_model_test_" + std::to_string(::getpid()) + "_" + std::to_string(n++));
-    fs::create_directories(path);
-  }
-  ~TempDir() { std::error_code ec; fs::remove_all(path, ec); }
-};
+using qlora::test::TempDir;
 
 void put_half(std::vector<uint8_t>& b, size_t at, float v) {
   const uint16_t h = c10::Half(v).x;

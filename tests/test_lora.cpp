@@ -30,6 +30,7 @@
 #include <sstream>
 
 #include "tiny_llama.h"
+#include "test_util.h"
 
 using Catch::Matchers::ContainsSubstring;
 namespace fs = std::filesystem;
@@ -37,15 +38,7 @@ using nlohmann::json;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static std::atomic<int> n{0};
-    path = fs::temp_directory_path() / ("qlora_lora_test_" + std::to_string(::getpid()) + "_" + std::to_string(n++));
-    fs::create_directories(path);
-  }
-  ~TempDir() { std::error_code ec; fs::remove_all(path, ec); }
-};
+using qlora::test::TempDir;
 
 // tiny_llama.h's shapes: hidden 64, 4 heads of 16, 2 KV heads, intermediate 96, vocab 100, 2 layers.
 qlora::LlamaWeights tiny_model(const fs::path& dir, bool in_4bit, at::ScalarType dtype = at::kFloat) {

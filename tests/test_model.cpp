@@ -8,6 +8,7 @@
 #include "qlora/hf_config.h"
 #include "qlora/model.h"
 #include "qlora/safetensors.h"
+#include "test_util.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -29,15 +30,7 @@ using nlohmann::json;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static std::atomic<int> n{0};
-    path = fs::temp_directory_path() / ("qlora_model_test_" + std::to_string(::getpid()) + "_" + std::to_string(n++));
-    fs::create_directories(path);
-  }
-  ~TempDir() { std::error_code ec; fs::remove_all(path, ec); }
-};
+using qlora::test::TempDir;
 
 struct Spec {
   std::string model_type = "llama";

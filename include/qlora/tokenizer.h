@@ -27,6 +27,8 @@ enum class TokenizerKind {
 // smollm: GPT-2's regex after every digit was split off alone (SmolLM2: HF Digits + ByteLevel).
 enum class PreTokenizer { none, gpt2, llama3, qwen2, smollm };
 
+const char* pre_tokenizer_name(PreTokenizer pre);   // "gpt2", "llama3", ...; "none"
+
 struct EncodeOptions {
   bool add_special_tokens = false;   // the post-processor's BOS (and EOS where it adds one)
   bool parse_special = true;         // text like "<|eot_id|>" becomes the special token

@@ -97,16 +97,6 @@ std::vector<std::string_view> chunks(const std::string& text, size_t size) {
   return out;
 }
 
-const char* pre_name(PreTokenizer p) {
-  switch (p) {
-    case PreTokenizer::gpt2: return "gpt2";
-    case PreTokenizer::llama3: return "llama3";
-    case PreTokenizer::qwen2: return "qwen2";
-    case PreTokenizer::smollm: return "smollm";
-    case PreTokenizer::none: break;
-  }
-  return "none";
-}
 
 struct Sample {
   double seconds;
@@ -148,7 +138,7 @@ int run_bench_tokenizer(const TokenizerBenchOptions& o, int iters, const std::st
   const double mb = static_cast<double>(text.size()) / 1e6;
   std::printf("qlora bench tokenizer: %s (%s, pre-tokenizer %s, vocab %lld)\n", o.tokenizer.c_str(),
               tok.kind() == TokenizerKind::byte_level_bpe ? "byte-level BPE" : "sentencepiece BPE",
-              pre_name(tok.pre_tokenizer()), static_cast<long long>(tok.vocab_size()));
+              pre_tokenizer_name(tok.pre_tokenizer()), static_cast<long long>(tok.vocab_size()));
   std::printf("text: %s, %.2f MB in %zu chunks; median of %d samples, threads started cold each sample\n",
               o.text_path.empty() ? "generated English" : o.text_path.c_str(), mb, parts.size(), iters);
   std::printf("%8s %10s %14s %12s\n", "threads", "MB/s", "tokens/s", "tokens");

@@ -34,8 +34,6 @@ bool unicode_nfc_may_change(std::string_view text);
 // Appends the byte ranges [first, second) of the pre-tokens of `text` (which cover it in order).
 using PieceRanges = std::vector<std::pair<uint32_t, uint32_t>>;
 void pretokenize(PreTokenizer pre, std::string_view text, PieceRanges& out);
-// "gpt2", "llama3", "qwen2", "smollm".
-const char* pre_tokenizer_name(PreTokenizer pre);
 
 // GPT-2's byte-to-unicode alphabet: byte b is shown as code point byte_to_unicode(b); the inverse
 // returns -1 for a code point outside the alphabet.

@@ -11,6 +11,7 @@
 //  - QuantState.from_dict: rejects keys outside valid_qs_keys, reads nested_offset with float();
 //  - backends/default/ops.py quantize_4bit: packed is ((q[::2] << 4) | q[1::2]).unsqueeze(1),
 //    i.e. uint8 [(n+1)//2, 1].
+#include "qlora/shape_str.h"
 #include "qlora/bnb4bit.h"
 
 #include <algorithm>
@@ -87,12 +88,6 @@ NamedTensors bnb4bit_entries(const std::string& w, const NF4Tensor& t) {
 }
 
 namespace {
-
-std::string shape_str(at::IntArrayRef s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
 
 bool is_pow2_in(int64_t x, int64_t lo, int64_t hi) { return x >= lo && x <= hi && (x & (x - 1)) == 0; }
 

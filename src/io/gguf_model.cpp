@@ -18,6 +18,7 @@
 #include <set>
 #include <sstream>
 
+#include "qlora/shape_str.h"
 #include "qlora/error.h"
 #include "qlora/ggml_quants.h"
 #include "qlora/gguf.h"
@@ -31,14 +32,6 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 namespace {
-
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << "[";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << "]";
-  return o.str();
-}
 
 // llama.cpp per-layer names -> HF names (suffix .weight / .bias appended by the caller).
 const std::map<std::string, std::string>& layer_names() {

@@ -7,6 +7,7 @@
 //    MetadataIncompleteBuffer);
 //  - the writer orders entries by descending dtype (the Dtype enum order) then by name, writes
 //    "__metadata__" first, and pads the header with spaces to a multiple of 8 (prepare()).
+#include "qlora/shape_str.h"
 #include "qlora/safetensors.h"
 
 #include <fcntl.h>
@@ -114,12 +115,6 @@ int64_t checked_nbytes(const std::vector<int64_t>& shape, int64_t itemsize, bool
     n *= d;
   }
   return n;
-}
-
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
 }
 
 // One write target: a file descriptor, or a string (serialize_safetensors).

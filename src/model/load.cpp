@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "qlora/shape_str.h"
 #include "qlora/bnb4bit.h"
 #include "qlora/error.h"
 #include "qlora/log.h"
@@ -33,14 +34,6 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 namespace {
-
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << "[";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << "]";
-  return o.str();
-}
 
 // The family decisions that config.json implies beyond what HFConfig models.
 void check_supported(const HFConfig& c, const std::string& source) {

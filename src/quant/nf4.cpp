@@ -1,5 +1,6 @@
 // NF4 host side: the codebooks, validation of NF4Tensor, the CPU reference quantize/dequantize
 // (plain loops over blocks, the oracle for the CUDA kernels) and the device dispatch of the API.
+#include "qlora/shape_str.h"
 #include "qlora/nf4.h"
 
 #include <ATen/Parallel.h>
@@ -95,14 +96,6 @@ namespace {
 bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 
 bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
-
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::ostringstream os;
-  os << "[";
-  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
-  os << "]";
-  return os.str();
-}
 
 [[noreturn]] void fail(const std::string& msg) { throw UserError("NF4 tensor: " + msg); }
 
