@@ -8,13 +8,16 @@
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 
+#include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "data/tokenizer_internal.h"
 #include "test_util.h"
 
 using Catch::Matchers::ContainsSubstring;
@@ -314,15 +317,85 @@ TEST_CASE("tokenizer: malformed tokenizer.json is a UserError naming the problem
   CHECK(tok.vocab_size() == 6);
 }
 
-TEST_CASE("tokenizer: NFC normalizer accepts text that is already NFC only", "[tokenizer]") {
+TEST_CASE("tokenizer: NFC normalizer normalizes the text between added tokens", "[tokenizer]") {
   nlohmann::json j = tiny_json();
   j["normalizer"] = {{"type", "NFC"}};
   TempDir d("qlora_tok_test");
   write_file(d / "tokenizer.json", j.dump());
   const Tokenizer tok = qlora::load_tokenizer(d.path);
   CHECK(tok.encode("abc") == std::vector<int32_t>{4});
-  CHECK_NOTHROW(tok.encode("caf\xC3\xA9"));                                       // é precomposed
-  CHECK_THROWS_WITH(tok.encode("cafe\xCC\x81"), ContainsSubstring("not already in Unicode NFC"));   // e + U+0301
+  CHECK(tok.encode("ab<|end|>cab") == std::vector<int32_t>{3, 5, 2, 3});
+  CHECK_NOTHROW(tok.encode("caf\xC3\xA9"));                                    // é precomposed
+  CHECK(tok.encode("cafe\xCC\x81") == tok.encode("caf\xC3\xA9"));             // e + U+0301
+}
+
+TEST_CASE("tokenizer: NFC normalizer on the GPT-2 vocab matches HF tokenizers", "[tokenizer]") {
+  REQUIRE_ASSETS();
+  nlohmann::json j = nlohmann::json::parse(read_file(kAssets / "tokenizers" / "gpt2" / "tokenizer.json"));
+  j["normalizer"] = {{"type", "NFC"}};
+  TempDir d("qlora_tok_test");
+  write_file(d / "tokenizer.json", j.dump());
+  const Tokenizer tok = qlora::load_tokenizer(d / "tokenizer.json");
+  // HF tokenizers 0.23.3, the same json: encode(s, add_special_tokens=False).ids.
+  CHECK(tok.encode("caf\xC3\xA9") == std::vector<int32_t>{66, 1878, 2634});
+  CHECK(tok.encode("cafe\xCC\x81") == std::vector<int32_t>{66, 1878, 2634});
+  // "Ka\u0307\u0323 \u1100\u1161\u11A8<|endoftext|>e\u0301\u212B x\u0958" and its NFC form
+  // "Ka\u0323\u0307 \uAC01<|endoftext|>\u00E9\u00C5 x\u0915\u093C" (U+0958 is excluded from composition).
+  const std::vector<int32_t> want{42, 157, 118, 94, 136, 229, 220, 166, 108, 223, 50256, 2634, 127, 227, 2124, 11976, 243, 11976, 120};
+  CHECK(tok.encode("Ka\xCC\x87\xCC\xA3 \xE1\x84\x80\xE1\x85\xA1\xE1\x86\xA8<|endoftext|>e\xCC\x81\xE2\x84\xAB x\xE0\xA5\x98") == want);
+  CHECK(tok.encode("Ka\xCC\xA3\xCC\x87 \xEA\xB0\x81<|endoftext|>\xC3\xA9\xC3\x85 x\xE0\xA4\x95\xE0\xA4\xBC") == want);
+}
+
+TEST_CASE("tokenizer: unicode_nfc hand-checked cases", "[tokenizer]") {
+  using qlora::unicode_nfc;
+  CHECK(unicode_nfc("") == "");
+  CHECK(unicode_nfc("plain ascii") == "plain ascii");
+  CHECK(unicode_nfc("e\xCC\x81") == "\xC3\xA9");                                   // e + U+0301 -> é
+  CHECK(unicode_nfc("\xE1\x84\x80\xE1\x85\xA1") == "\xEA\xB0\x80");                 // U+1100 U+1161 -> 가
+  CHECK(unicode_nfc("\xEA\xB0\x80\xE1\x86\xA8") == "\xEA\xB0\x81");                 // 가 U+11A8 -> 각
+  CHECK(unicode_nfc("\xE1\x84\x80\xE1\x85\xA1\xE1\x86\xA8") == "\xEA\xB0\x81");     // L V T -> 각
+  CHECK(unicode_nfc("\xEA\xB0\x81") == "\xEA\xB0\x81");
+  // a + U+0323 + U+0307 and a + U+0307 + U+0323 are both U+1EA1 U+0307 (ạ̇).
+  CHECK(unicode_nfc("a\xCC\xA3\xCC\x87") == "\xE1\xBA\xA1\xCC\x87");
+  CHECK(unicode_nfc("a\xCC\x87\xCC\xA3") == "\xE1\xBA\xA1\xCC\x87");
+  // U+0958 is a composition exclusion: it becomes U+0915 U+093C and stays so.
+  CHECK(unicode_nfc("\xE0\xA5\x98") == "\xE0\xA4\x95\xE0\xA4\xBC");
+  CHECK(unicode_nfc("\xE0\xA4\x95\xE0\xA4\xBC") == "\xE0\xA4\x95\xE0\xA4\xBC");
+  CHECK(unicode_nfc("\xE2\x84\xAB") == "\xC3\x85");                                 // singleton U+212B -> U+00C5
+  CHECK(unicode_nfc("\xCC\x81" "e") == "\xCC\x81" "e");                             // a leading mark stays
+  CHECK(unicode_nfc("\xEF\xBF\xBD\xCC\x81") == "\xEF\xBF\xBD\xCC\x81");             // real U+FFFD
+  // Invalid bytes are kept byte for byte and compose with nothing.
+  CHECK(unicode_nfc("e\xFF\xCC\x81") == "e\xFF\xCC\x81");
+  CHECK(unicode_nfc("\xC3" "e\xCC\x81\x80") == "\xC3\xC3\xA9\x80");
+  CHECK(unicode_nfc("\xE1\x84\x80\xED\xA0\x80\xE1\x85\xA1") == "\xE1\x84\x80\xED\xA0\x80\xE1\x85\xA1");
+  CHECK(std::string(qlora::unicode_tables::kUnicodeVersion) == "14.0.0");
+}
+
+// Hidden hook for tests/oracle/unicode_nfc.py: reads $QLORA_NFC_ORACLE_DIR/in.txt (one string a
+// line, its UTF-8 bytes in hex) and writes our NFC of each the same way to out.txt.
+TEST_CASE("unicode_nfc oracle hook", "[.nfc_oracle]") {
+  const char* dir = std::getenv("QLORA_NFC_ORACLE_DIR");
+  if (!dir) SKIP("QLORA_NFC_ORACLE_DIR not set");
+  std::ifstream in(fs::path(dir) / "in.txt");
+  REQUIRE(in);
+  std::ofstream out(fs::path(dir) / "out.txt");
+  static const char kHex[] = "0123456789abcdef";
+  auto nib = [](char c) { return c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10; };
+  std::string line, s, o;
+  size_t n = 0;
+  while (std::getline(in, line)) {
+    s.clear();
+    for (size_t i = 0; i + 1 < line.size(); i += 2) s += static_cast<char>(nib(line[i]) << 4 | nib(line[i + 1]));
+    const std::string r = qlora::unicode_nfc(s);
+    o.clear();
+    for (unsigned char c : r) o += kHex[c >> 4], o += kHex[c & 15];
+    o += '\n';
+    out << o;
+    ++n;
+  }
+  out << "#version " << qlora::unicode_tables::kUnicodeVersion << "\n";
+  REQUIRE(out.good());
+  INFO(n << " strings");
 }
 
 TEST_CASE("tokenizer: UTF-8 decoding and Unicode classes", "[tokenizer]") {

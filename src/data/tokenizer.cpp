@@ -182,9 +182,12 @@ bool is_word_char(uint32_t cp) {
 
 void encode_text(const TokenizerImpl& t, std::string_view seg, bool first, std::vector<int32_t>& out) {
   if (seg.empty()) return;
-  if (t.nfc && unicode_nfc_may_change(seg))
-    throw UserError("tokenizer " + t.source + ": text that is not already in Unicode NFC is not supported "
-                    "(this tokenizer's normalizer is NFC; normalize the text first)");
+  // The NFC normalizer applies to the text between added tokens (matched on the raw text before).
+  thread_local std::string normalized;
+  if (t.nfc && unicode_nfc_may_change(seg)) {
+    normalized = unicode_nfc(seg);
+    seg = normalized;
+  }
   if (t.kind == TokenizerKind::byte_level_bpe) {
     thread_local std::string prefixed;
     if (t.byte_level_prefix_space && first && seg[0] != ' ') {

@@ -25,11 +25,26 @@ extern const CodeRange kWhiteSpace[];
 extern const size_t kWhiteSpaceCount;
 extern const CodeRange kNfcMayChange[];
 extern const size_t kNfcMayChangeCount;
+struct CccRange { uint32_t first, last; uint8_t ccc; };             // inclusive, non-zero classes
+struct Decomposition { uint32_t cp, first, second; };              // second 0: a singleton
+struct Composition { uint32_t first, second, composite; };         // primary composites
+extern const CccRange kCcc[];
+extern const size_t kCccCount;
+extern const Decomposition kDecomp[];   // sorted by cp; Hangul syllables are algorithmic
+extern const size_t kDecompCount;
+extern const Composition kComp[];       // sorted by (first, second)
+extern const size_t kCompCount;
 }  // namespace unicode_tables
 
 // True when some code point of `text` can make NFC(text) differ from text (so text that returns
 // false is already NFC). Invalid UTF-8 bytes count as U+FFFD, which is stable.
 bool unicode_nfc_may_change(std::string_view text);
+
+// Unicode NFC of `text` (full canonical decomposition, canonical ordering, canonical composition,
+// Hangul included) at the tables' Unicode version. Invalid UTF-8 bytes are kept byte for byte and
+// act as starters that compose with nothing. Returns `text` unchanged when
+// unicode_nfc_may_change(text) is false.
+std::string unicode_nfc(std::string_view text);
 
 // Appends the byte ranges [first, second) of the pre-tokens of `text` (which cover it in order).
 using PieceRanges = std::vector<std::pair<uint32_t, uint32_t>>;
@@ -120,7 +135,7 @@ struct TokenizerImpl {
   bool prefix_first_only = false;   // Metaspace prepend_scheme "first"
   bool metaspace_split = false;     // Metaspace split: BPE per "▁"-started word
   bool byte_level_prefix_space = false;   // ByteLevel add_prefix_space
-  bool nfc = false;                 // normalizer NFC (checked, see tokenizer.cpp)
+  bool nfc = false;                 // normalizer NFC (applied between added tokens, see tokenizer.cpp)
 
   std::vector<AddedToken> added;    // sorted longest first by finish_tokenizer
   bool added_first_byte[256] = {};

@@ -1,8 +1,10 @@
 // UTF-8 decoding and the Unicode properties the pre-tokenizers ask about (major general-category
-// class, White_Space, "NFC may change"), looked up in the generated tables of unicode_tables.cpp;
-// and GPT-2's byte-to-unicode alphabet.
+// class, White_Space, "NFC may change") and Unicode NFC itself (for the NFC normalizer), looked up
+// in the generated tables of unicode_tables.cpp; and GPT-2's byte-to-unicode alphabet.
 #include <algorithm>
 #include <array>
+#include <utility>
+#include <vector>
 
 #include "data/tokenizer_internal.h"
 
@@ -115,6 +117,117 @@ bool unicode_nfc_may_change(std::string_view text) {
     if (in_ranges(unicode_tables::kNfcMayChange, unicode_tables::kNfcMayChangeCount, cp)) return true;
   }
   return false;
+}
+
+namespace {
+
+// Hangul syllable arithmetic (Unicode ch. 3.12).
+constexpr uint32_t kSBase = 0xAC00, kLBase = 0x1100, kVBase = 0x1161, kTBase = 0x11A7;
+constexpr uint32_t kLCount = 19, kVCount = 21, kTCount = 28, kNCount = kVCount * kTCount, kSCount = kLCount * kNCount;
+// An invalid UTF-8 byte b is carried through NFC as kRawByte + b: a starter composing with nothing.
+constexpr uint32_t kRawByte = 0x110000;
+
+uint8_t ccc_of(uint32_t cp) {
+  if (cp < 0x300 || cp >= kRawByte) return 0;
+  const auto* r = unicode_tables::kCcc;
+  const auto* end = r + unicode_tables::kCccCount;
+  const auto* it = std::upper_bound(r, end, cp, [](uint32_t c, const unicode_tables::CccRange& x) { return c < x.first; });
+  return (it != r && cp <= (it - 1)->last) ? (it - 1)->ccc : 0;
+}
+
+void decompose(uint32_t cp, std::vector<uint32_t>& out) {
+  if (cp >= kSBase && cp < kSBase + kSCount) {
+    const uint32_t s = cp - kSBase;
+    out.push_back(kLBase + s / kNCount);
+    out.push_back(kVBase + (s % kNCount) / kTCount);
+    if (s % kTCount) out.push_back(kTBase + s % kTCount);
+    return;
+  }
+  if (cp >= 0xC0 && cp < kRawByte) {
+    const auto* d = unicode_tables::kDecomp;
+    const auto* end = d + unicode_tables::kDecompCount;
+    const auto* it = std::lower_bound(d, end, cp, [](const unicode_tables::Decomposition& x, uint32_t c) { return x.cp < c; });
+    if (it != end && it->cp == cp) {
+      decompose(it->first, out);
+      if (it->second) decompose(it->second, out);
+      return;
+    }
+  }
+  out.push_back(cp);
+}
+
+// The primary composite of (a, b), or 0 when there is none.
+uint32_t compose(uint32_t a, uint32_t b) {
+  if (a >= kLBase && a < kLBase + kLCount && b >= kVBase && b < kVBase + kVCount)
+    return kSBase + ((a - kLBase) * kVCount + (b - kVBase)) * kTCount;
+  if (a >= kSBase && a < kSBase + kSCount && (a - kSBase) % kTCount == 0 && b > kTBase && b < kTBase + kTCount)
+    return a + (b - kTBase);
+  const auto* c = unicode_tables::kComp;
+  const auto* end = c + unicode_tables::kCompCount;
+  const auto* it = std::lower_bound(c, end, std::make_pair(a, b), [](const unicode_tables::Composition& x, const std::pair<uint32_t, uint32_t>& k) {
+    return x.first != k.first ? x.first < k.first : x.second < k.second;
+  });
+  return (it != end && it->first == a && it->second == b) ? it->composite : 0;
+}
+
+}  // namespace
+
+std::string unicode_nfc(std::string_view text) {
+  if (!unicode_nfc_may_change(text)) return std::string(text);
+  // Full canonical decomposition; invalid bytes kept as kRawByte + byte.
+  std::vector<uint32_t> buf;
+  buf.reserve(text.size() + 8);
+  for (size_t pos = 0; pos < text.size();) {
+    const size_t at = pos;
+    uint32_t cp = utf8_next(text, pos);
+    if (cp == 0xFFFD && pos - at == 1) cp = kRawByte + static_cast<uint8_t>(text[at]);   // an invalid byte
+    decompose(cp, buf);
+  }
+  // Canonical ordering: stable sort by class within each run of non-starters.
+  std::vector<uint8_t> cls(buf.size());
+  for (size_t i = 0; i < buf.size(); ++i) cls[i] = ccc_of(buf[i]);
+  for (size_t i = 0; i < buf.size();) {
+    if (cls[i] == 0) {
+      ++i;
+      continue;
+    }
+    size_t j = i;
+    while (j < buf.size() && cls[j] != 0) ++j;
+    if (j - i > 1) {
+      std::vector<std::pair<uint8_t, uint32_t>> run;
+      for (size_t k = i; k < j; ++k) run.emplace_back(cls[k], buf[k]);
+      std::stable_sort(run.begin(), run.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
+      for (size_t k = i; k < j; ++k) cls[k] = run[k - i].first, buf[k] = run[k - i].second;
+    }
+    i = j;
+  }
+  // Canonical composition (UAX #15): a character joins the last starter unless blocked.
+  size_t out_n = 0;
+  if (!buf.empty()) {
+    bool have_starter = cls[0] == 0;   // a leading non-starter composes with nothing
+    size_t starter = 0;
+    int last_cls = 0;
+    out_n = 1;
+    for (size_t i = 1; i < buf.size(); ++i) {
+      const uint32_t ch = buf[i];
+      const int c = cls[i];
+      const uint32_t composite = have_starter && (last_cls < c || last_cls == 0) ? compose(buf[starter], ch) : 0;
+      if (composite) {
+        buf[starter] = composite;
+        continue;
+      }
+      if (c == 0) starter = out_n, have_starter = true;
+      last_cls = c;
+      buf[out_n++] = ch;
+    }
+  }
+  std::string out;
+  out.reserve(text.size() + 8);
+  for (size_t i = 0; i < out_n; ++i) {
+    if (buf[i] >= kRawByte) out += static_cast<char>(buf[i] - kRawByte);
+    else utf8_append(out, buf[i]);
+  }
+  return out;
 }
 
 namespace {
