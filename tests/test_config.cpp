@@ -244,6 +244,8 @@ TEST_CASE("rules across keys", "[config]") {
   CHECK_THAT(error_of(kMinimal + "adapter: lora\nload_in_4bit: true\n"), ContainsSubstring("adapter: lora keeps a 16-bit base"));
   CHECK_THAT(error_of(kMinimal + "bf16: true\nfp16: true\n"), ContainsSubstring("fp16: bf16: true and fp16: true exclude each other"));
   CHECK_THAT(error_of(kMinimal + "warmup_steps: 5\nwarmup_ratio: 0.1\n"), ContainsSubstring("set warmup_steps or warmup_ratio"));
+  CHECK_THAT(error_of(kMinimal + "gradient_checkpointing: false\nactivation_offloading: true\n"),
+             ContainsSubstring("activation_offloading: needs gradient_checkpointing: true"));
   CHECK(error_of(kMinimal + "bf16: auto\nfp16: true\n").empty());
 }
 

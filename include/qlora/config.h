@@ -68,6 +68,7 @@ struct TrainConfig {
   double adam_epsilon = 1e-8;
   double max_grad_norm = 1.0;             // 0: no clipping
   bool gradient_checkpointing = true;
+  bool activation_offloading = false;      // checkpointing: keep the layer inputs in pinned CPU memory
   Bf16Mode bf16 = Bf16Mode::auto_;        // auto: bf16 where the GPU has it
   bool fp16 = false;                      // fp16 compute with dynamic loss scaling (T4)
   std::string device = "auto";            // auto | cpu | cuda | cuda:N

@@ -222,6 +222,8 @@ const std::vector<KeySpec>& key_table() {
       float_key("adam_epsilon", &TrainConfig::adam_epsilon, 0, 1, true, false, "AdamW epsilon"),
       float_key("max_grad_norm", &TrainConfig::max_grad_norm, 0, 1e9, false, false, "clip the global gradient norm; 0: no clipping"),
       bool_key("gradient_checkpointing", &TrainConfig::gradient_checkpointing, "recompute each layer in backward instead of keeping activations"),
+      bool_key("activation_offloading", &TrainConfig::activation_offloading,
+               "with gradient_checkpointing: keep each layer's input in pinned CPU memory, not on the GPU (axolotl's name)"),
       {"bf16", "auto | true | false", "bf16 compute; auto: where the GPU supports it",
        [](TrainConfig& c, const ParseContext& ctx, const std::string& p, const YAML::Node& n) {
          bool b = false;
@@ -273,6 +275,8 @@ void validate_across_keys(const TrainConfig& c, const YAML::Node& root, const Pa
   }
   if (c.bf16 == Bf16Mode::on && c.fp16) fail_at("fp16", "bf16: true and fp16: true exclude each other");
   if (c.warmup_steps > 0 && c.warmup_ratio > 0) fail_at("warmup_ratio", "set warmup_steps or warmup_ratio, not both");
+  if (c.activation_offloading && !c.gradient_checkpointing)
+    fail_at("activation_offloading", "needs gradient_checkpointing: true (only the checkpointed layer inputs are offloaded)");
 }
 
 }  // namespace

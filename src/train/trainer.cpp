@@ -243,6 +243,7 @@ Trainer make_trainer(const TrainConfig& config, const TrainerOptions& options) {
                " trainable parameters; ", t.total_steps, " steps of ", ga, " x ", config.micro_batch_size,
                " micro-batches, lr ", config.learning_rate, " (", to_string(t.schedule.kind), ", warmup ",
                t.schedule.warmup_steps, ")", config.gradient_checkpointing ? ", gradient checkpointing" : "",
+               config.activation_offloading ? " (layer inputs offloaded to pinned CPU memory)" : "",
                t.scaler ? ", dynamic loss scaling" : ""));
   return t;
 }

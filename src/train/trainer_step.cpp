@@ -88,14 +88,24 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
     return loss.detach();
   }
 
-  // Forward, activations not kept: only each layer's input h_i and the RNG state before it.
+  // Forward, activations not kept: only each layer's input h_i and the RNG state before it. With
+  // activation_offloading the inputs wait in pinned host memory (copies on the current stream, so
+  // they are ordered with the layer that reads them); on a CPU device there is nothing to offload.
+  const bool offload = t.config.activation_offloading && m.device.is_cuda();
+  auto keep = [&](const at::Tensor& x) {
+    if (!offload) return x;
+    at::Tensor host = at::empty(x.sizes(), x.options().device(at::kCPU).pinned_memory(true));
+    host.copy_(x, /*non_blocking=*/true);
+    return host;
+  };
+  auto restore = [&](const at::Tensor& x) { return offload ? x.to(m.device, /*non_blocking=*/true) : x; };
   std::vector<at::Tensor> inputs(L), rng(L);
   at::Tensor h = h0;
   {
     at::NoGradGuard no_grad;
     for (size_t i = 0; i < L; ++i) {
       // unshard(layer i): multi-GPU (later issue) all-gathers the NF4 bytes + LoRA shards here
-      inputs[i] = h;
+      inputs[i] = keep(h);
       rng[i] = get_rng(m.device);
       h = decoder_layer(h, m.layers[i], m, attn, t.scratch, &t.lora.layers[i], true);
       // reshard(layer i)
@@ -112,7 +122,7 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
   // Backward layer by layer: recompute layer i from h_i with grad on, backward dh, pass dh_i down.
   for (size_t k = L; k-- > 0;) {
     // unshard(layer k)
-    const at::Tensor hin = inputs[k].detach().requires_grad_(k > 0);
+    const at::Tensor hin = restore(inputs[k]).detach().requires_grad_(k > 0);
     set_rng(m.device, rng[k]);  // the same dropout masks as the forward (preserve_rng_state)
     const at::Tensor out = decoder_layer(hin, m.layers[k], m, attn, t.scratch, &t.lora.layers[k], true);
     torch::autograd::backward({out}, {dh});
