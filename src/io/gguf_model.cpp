@@ -18,6 +18,7 @@
 #include <set>
 #include <sstream>
 
+#include "model/internal.h"
 #include "qlora/shape_str.h"
 #include "qlora/error.h"
 #include "qlora/ggml_quants.h"
@@ -222,30 +223,8 @@ LlamaWeights load_llama_gguf(const fs::path& path, const ModelLoadOptions& optio
     return w;
   };
 
-  LlamaWeights m;
-  m.config = config;
-  m.compute_dtype = options.compute_dtype;
-  m.device = options.device;
-  const int64_t H = config.hidden_size, I = config.intermediate_size, V = config.vocab_size;
-  const int64_t q_out = config.num_attention_heads * config.head_dim;
-  const int64_t kv_out = config.num_key_value_heads * config.head_dim;
-  m.embed_tokens = dense("model.embed_tokens.weight", {V, H});
-  for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    DecoderLayerWeights l;
-    l.input_layernorm = dense(p + "input_layernorm.weight", {H});
-    l.q_proj = linear(p + "self_attn.q_proj", q_out, H, config.qkv_bias);
-    l.k_proj = linear(p + "self_attn.k_proj", kv_out, H, config.qkv_bias);
-    l.v_proj = linear(p + "self_attn.v_proj", kv_out, H, config.qkv_bias);
-    l.o_proj = linear(p + "self_attn.o_proj", H, q_out, config.o_bias);
-    l.post_attention_layernorm = dense(p + "post_attention_layernorm.weight", {H});
-    l.gate_proj = linear(p + "mlp.gate_proj", I, H, config.mlp_bias);
-    l.up_proj = linear(p + "mlp.up_proj", I, H, config.mlp_bias);
-    l.down_proj = linear(p + "mlp.down_proj", H, I, config.mlp_bias);
-    m.layers.push_back(std::move(l));
-  }
-  m.norm = dense("model.norm.weight", {H});
-  m.lm_head = config.tie_word_embeddings ? m.embed_tokens : dense("lm_head.weight", {V, H});
+  LlamaWeights m = assemble_llama(config, options, dense, linear, src);
+  const int64_t H = config.hidden_size;
 
   at::Tensor inv_freq = rope.inv_freq;
   if (const GgufTensorInfo* rf = g.find_tensor("rope_freqs.weight")) {

@@ -2,7 +2,12 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <functional>
+#include <string>
 #include <utility>
+#include <vector>
+
+#include "qlora/model.h"
 
 namespace torch::autograd {
 struct AutogradContext;
@@ -26,5 +31,15 @@ at::Tensor dequantize_into_scratch(const NF4Tensor& t, DequantScratch& scratch, 
 // so that a backward needs neither the LinearWeight nor its owner to be alive.
 void save_nf4(torch::autograd::AutogradContext* ctx, const NF4Tensor& t);
 NF4Tensor load_nf4(torch::autograd::AutogradContext* ctx);
+
+// The decoder's tensors by their HF names, from whatever source (safetensors folder, GGUF file): a
+// getter for dense tensors (embeddings, norms, lm_head) and one for projections, each checking the
+// shape it is given. assemble_llama asks for every tensor of the config's architecture in one fixed
+// order (tied lm_head = embed_tokens) and sets the per-layer sliding windows; the caller sets the
+// rope tables (inv_freq, attention_scaling), which depend on the source.
+using DenseGetter = std::function<at::Tensor(const std::string& name, std::vector<int64_t> shape)>;
+using LinearGetter = std::function<LinearWeight(const std::string& prefix, int64_t out, int64_t in, bool has_bias)>;
+LlamaWeights assemble_llama(const HFConfig& config, const ModelLoadOptions& options, const DenseGetter& dense,
+                            const LinearGetter& linear, const std::string& source);
 
 }  // namespace qlora

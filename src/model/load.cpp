@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "model/internal.h"
 #include "qlora/shape_str.h"
 #include "qlora/bnb4bit.h"
 #include "qlora/error.h"
@@ -203,38 +204,11 @@ LlamaWeights load_llama(const fs::path& model_dir, const ModelLoadOptions& optio
   const SafetensorsCheckpoint ckpt(fs::is_directory(model_dir) ? model_dir : model_dir.parent_path());
   Loader ld{ckpt, options, model_dir.string(), {}};
 
-  LlamaWeights m;
-  m.config = config;
-  m.compute_dtype = options.compute_dtype;
-  m.device = options.device;
-  const int64_t H = config.hidden_size, I = config.intermediate_size, V = config.vocab_size;
-  const int64_t q_out = config.num_attention_heads * config.head_dim;
-  const int64_t kv_out = config.num_key_value_heads * config.head_dim;
-
-  m.embed_tokens = ld.dense("model.embed_tokens.weight", {V, H});
-  m.layers.reserve(static_cast<size_t>(config.num_hidden_layers));
-  for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    DecoderLayerWeights l;
-    l.input_layernorm = ld.dense(p + "input_layernorm.weight", {H});
-    l.q_proj = ld.linear(p + "self_attn.q_proj", q_out, H, config.qkv_bias);
-    l.k_proj = ld.linear(p + "self_attn.k_proj", kv_out, H, config.qkv_bias);
-    l.v_proj = ld.linear(p + "self_attn.v_proj", kv_out, H, config.qkv_bias);
-    l.o_proj = ld.linear(p + "self_attn.o_proj", H, q_out, config.o_bias);
-    l.post_attention_layernorm = ld.dense(p + "post_attention_layernorm.weight", {H});
-    l.gate_proj = ld.linear(p + "mlp.gate_proj", I, H, config.mlp_bias);
-    l.up_proj = ld.linear(p + "mlp.up_proj", I, H, config.mlp_bias);
-    l.down_proj = ld.linear(p + "mlp.down_proj", H, I, config.mlp_bias);
-    l.sliding_window = layer_sliding_window(config, i, config_path.string());
-    m.layers.push_back(std::move(l));
-  }
-  m.norm = ld.dense("model.norm.weight", {H});
-  if (config.tie_word_embeddings) {
-    m.lm_head = m.embed_tokens;
-    if (ckpt.contains("lm_head.weight")) ld.used.insert("lm_head.weight");
-  } else {
-    m.lm_head = ld.dense("lm_head.weight", {V, H});
-  }
+  LlamaWeights m = assemble_llama(
+      config, options, [&](const std::string& n, std::vector<int64_t> e) { return ld.dense(n, std::move(e)); },
+      [&](const std::string& p, int64_t out, int64_t in, bool b) { return ld.linear(p, out, in, b); }, config_path.string());
+  if (config.tie_word_embeddings && ckpt.contains("lm_head.weight")) ld.used.insert("lm_head.weight");
+  const int64_t H = config.hidden_size;
 
   const RopeParams rope = rope_params(config);
   m.inv_freq = rope.inv_freq.to(options.device);
@@ -253,6 +227,37 @@ LlamaWeights load_llama(const fs::path& model_dir, const ModelLoadOptions& optio
   log_info(cat("loaded ", config.model_type, " from ", model_dir.string(), ": ", config.num_hidden_layers, " layers, hidden ",
                H, ", linear weights ", options.load_in_4bit ? std::string("NF4") : torch_dtype_name(options.compute_dtype),
                ", compute ", torch_dtype_name(options.compute_dtype), " on ", options.device.str(), " in ", secs, " s"));
+  return m;
+}
+
+LlamaWeights assemble_llama(const HFConfig& config, const ModelLoadOptions& options, const DenseGetter& dense,
+                            const LinearGetter& linear, const std::string& source) {
+  LlamaWeights m;
+  m.config = config;
+  m.compute_dtype = options.compute_dtype;
+  m.device = options.device;
+  const int64_t H = config.hidden_size, I = config.intermediate_size, V = config.vocab_size;
+  const int64_t q_out = config.num_attention_heads * config.head_dim;
+  const int64_t kv_out = config.num_key_value_heads * config.head_dim;
+  m.embed_tokens = dense("model.embed_tokens.weight", {V, H});
+  m.layers.reserve(static_cast<size_t>(config.num_hidden_layers));
+  for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    DecoderLayerWeights l;
+    l.input_layernorm = dense(p + "input_layernorm.weight", {H});
+    l.q_proj = linear(p + "self_attn.q_proj", q_out, H, config.qkv_bias);
+    l.k_proj = linear(p + "self_attn.k_proj", kv_out, H, config.qkv_bias);
+    l.v_proj = linear(p + "self_attn.v_proj", kv_out, H, config.qkv_bias);
+    l.o_proj = linear(p + "self_attn.o_proj", H, q_out, config.o_bias);
+    l.post_attention_layernorm = dense(p + "post_attention_layernorm.weight", {H});
+    l.gate_proj = linear(p + "mlp.gate_proj", I, H, config.mlp_bias);
+    l.up_proj = linear(p + "mlp.up_proj", I, H, config.mlp_bias);
+    l.down_proj = linear(p + "mlp.down_proj", H, I, config.mlp_bias);
+    l.sliding_window = layer_sliding_window(config, i, source);
+    m.layers.push_back(std::move(l));
+  }
+  m.norm = dense("model.norm.weight", {H});
+  m.lm_head = config.tie_word_embeddings ? m.embed_tokens : dense("lm_head.weight", {V, H});
   return m;
 }
 
