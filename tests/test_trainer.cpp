@@ -27,6 +27,7 @@
 
 #include "test_util.h"
 #include "tiny_llama.h"
+#include "trainer_fixture.h"
 
 using Catch::Matchers::ContainsSubstring;
 namespace fs = std::filesystem;
@@ -35,42 +36,9 @@ using qlora::test::TempDir;
 
 namespace {
 
-// tiny_llama.h's shapes (hidden 64, 4 heads, 2 KV heads, intermediate 96, vocab 100, 2 layers),
-// fp32, no tokenizer.json; and 24 pretokenized examples of 12..20 tokens following x -> x + 3
-// (mod 100) from different starts: something a LoRA can learn quickly.
-void write_fixture(const fs::path& dir) {
-  at::manual_seed(5);
-  fs::create_directories(dir / "model");
-  const json cfg = {{"model_type", "llama"}, {"architectures", {"LlamaForCausalLM"}}, {"hidden_size", 64},
-                    {"intermediate_size", 96}, {"num_hidden_layers", 2}, {"num_attention_heads", 4},
-                    {"num_key_value_heads", 2}, {"vocab_size", 100}, {"rms_norm_eps", 1e-5},
-                    {"hidden_act", "silu"}, {"tie_word_embeddings", false}, {"torch_dtype", "float32"}};
-  qlora::test::write_file(dir / "model" / "config.json", cfg.dump(2));
-  qlora::NamedTensors ts = qlora::test::tiny_llama_tensors(at::kFloat);
-  for (auto& [name, t] : ts)
-    if (name.find("norm.weight") != std::string::npos) t = t + 1.0;
-    else t = t * 4.0;
-  qlora::save_safetensors(dir / "model" / "model.safetensors", ts);
-  std::ostringstream data;
-  for (int k = 0; k < 24; ++k) {
-    json ids = json::array();
-    int x = (7 * k) % 100;
-    for (int i = 0; i < 12 + k % 9; ++i, x = (x + 3) % 100) ids.push_back(x);
-    data << json{{"input_ids", ids}}.dump() << "\n";
-  }
-  qlora::test::write_file(dir / "data.jsonl", data.str());
-}
+void write_fixture(const fs::path& dir) { qlora::test::write_trainer_fixture(dir); }
 
-std::string yaml(const fs::path& dir, const std::string& extra) {
-  return "base_model: " + (dir / "model").string() + "\n" +
-         "adapter: lora\nload_in_4bit: false\n"
-         "lora_r: 4\nlora_alpha: 8\nlora_dropout: 0.0\nlora_target_linear: true\n"
-         "datasets:\n  - path: " + (dir / "data.jsonl").string() + "\n    type: input_ids\n" +
-         "sequence_len: 32\nsample_packing: false\nmicro_batch_size: 1\ngradient_accumulation_steps: 1\n"
-         "max_steps: 30\nlearning_rate: 0.005\nlr_scheduler: constant\nmax_grad_norm: 1.0\n"
-         "device: cpu\nseed: 7\nlogging_steps: 1\n"
-         "output_dir: " + (dir / "out").string() + "\n" + extra;
-}
+std::string yaml(const fs::path& dir, const std::string& extra) { return qlora::test::trainer_yaml(dir, extra); }
 
 qlora::TrainConfig config(const fs::path& dir, const std::vector<std::string>& overrides = {}, const std::string& extra = "") {
   return qlora::parse_config(yaml(dir, extra), "test.yaml", overrides);

@@ -69,9 +69,12 @@ struct TrainConfig {
   double max_grad_norm = 1.0;             // 0: no clipping
   bool gradient_checkpointing = true;
   bool activation_offloading = false;      // checkpointing: keep the layer inputs in pinned CPU memory
+  bool fsdp_reshard_after_forward = true;  // multi-GPU: free each gathered layer after its forward
+  bool fsdp_reduce_in_compute_dtype = false;  // multi-GPU: reduce-scatter LoRA grads in fp16/bf16, not fp32
   Bf16Mode bf16 = Bf16Mode::auto_;        // auto: bf16 where the GPU has it
   bool fp16 = false;                      // fp16 compute with dynamic loss scaling (T4)
   std::string device = "auto";            // auto | cpu | cuda | cuda:N
+  double gpu_memory_limit = 0;            // GiB the CUDA caching allocator may hold (0: no cap)
   int64_t seed = 42;
   // --- output ---
   std::string output_dir = "./outputs/qlora-out";

@@ -62,6 +62,7 @@ const std::vector<std::string>& lora_projection_names();
 std::optional<LoraLinear>& lora_projection(LoraLayer& layer, const std::string& name);
 const std::optional<LoraLinear>& lora_projection(const LoraLayer& layer, const std::string& name);
 const LinearWeight& base_projection(const DecoderLayerWeights& layer, const std::string& name);
+LinearWeight& base_projection(DecoderLayerWeights& layer, const std::string& name);
 
 // PEFT's initialization, deterministic from `seed`: one CPU generator (at::CPUGeneratorImpl) seeded
 // once; layers in order, and in each layer the targeted projections in the fixed order above, each

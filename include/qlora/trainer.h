@@ -17,6 +17,8 @@
 
 #include "qlora/config.h"
 #include "qlora/dataset.h"
+#include "qlora/dist.h"
+#include "qlora/fsdp.h"
 #include "qlora/lora.h"
 #include "qlora/model.h"
 #include "qlora/optim.h"
@@ -32,6 +34,7 @@ struct TrainerOptions {
   bool force_loss_scaler = false;      // use the dynamic loss scaler whatever the compute dtype
   double init_loss_scale = 0.0;        // > 0: the scaler's initial scale (default GradScaler's 2^16)
   bool write_outputs = true;           // false: no metrics/svg/checkpoints/adapter (unit tests)
+  int64_t throw_at_step = -1;          // test hook: this rank throws before step N+1 (launcher tests)
 };
 
 // Where the micro-batch stream stands: epoch e's plan is plan_micro_batches with seed + e, and
@@ -41,11 +44,20 @@ struct DataPosition {
   int64_t micro_batch = 0;
 };
 
+// Multi-rank (issue 8): every rank runs its own Trainer with the same config. Each optimizer step
+// takes the next world * gradient_accumulation_steps micro-batches of the one global stream, rank r
+// the ones whose index within the step is r modulo world; the loss is normalized by the step's
+// target tokens over all ranks, so the step equals one rank running all of them. The decoder layers
+// and LoRA masters are sharded (qlora/fsdp.h); embeddings, norms and lm_head are replicated.
 struct Trainer {
   TrainConfig config;
   TrainerOptions options;
   at::Device device = at::kCPU;
   at::ScalarType compute_dtype = at::kFloat;
+  std::shared_ptr<Collective> comm;                  // always set: single-rank when not distributed
+  std::optional<Fsdp> fsdp;                          // set for a run given a collective (any world size)
+  int rank() const { return comm->rank(); }
+  int world() const { return comm->world_size(); }
 
   LlamaWeights model;
   LoraModel lora;
@@ -59,7 +71,8 @@ struct Trainer {
   int64_t micro_batches_per_epoch = 0;
 
   std::vector<std::string> param_names;              // PEFT names of the LoRA masters
-  std::vector<at::Tensor> params;                    // the masters themselves (fp32, requires grad)
+  std::vector<at::Tensor> params;                    // the masters themselves (fp32, requires grad);
+                                                     // sharded: this rank's dim-0 shards of them
   AdamWState optimizer;
   AdamWOptions adamw;
   LrSchedule schedule;
@@ -80,8 +93,11 @@ at::ScalarType resolve_compute_dtype(const TrainConfig& config, const at::Device
 // size (ids are checked against it) is returned instead, with an info line.
 Tokenizer load_train_tokenizer(const TrainConfig& config, int64_t model_vocab_size);
 
-// Everything before the first step (see the header comment). Logs what it set up.
-Trainer make_trainer(const TrainConfig& config, const TrainerOptions& options = {});
+// Everything before the first step (see the header comment). Logs what it set up. `comm`: the
+// rank's collective (the layers and LoRA are sharded over it, even at world size 1); nullptr: a
+// plain single-process run.
+Trainer make_trainer(const TrainConfig& config, const TrainerOptions& options = {},
+                     std::shared_ptr<Collective> comm = nullptr);
 
 // The next micro-batch index lists of the stream (advances trainer.position across epochs).
 std::vector<int64_t> next_micro_batch(Trainer& trainer);
@@ -128,6 +144,12 @@ struct TrainRunResult {
 // The whole run with its outputs (resume, metrics, eval, checkpoints, adapter, resolved config).
 // SIGINT/SIGTERM during the run: the current step finishes, a checkpoint is written, and the
 // result says interrupted.
-TrainRunResult run_training(const TrainConfig& config, const TrainerOptions& options = {});
+// Multi-rank: every rank calls it; rank 0 writes the outputs (metrics, loss curve, adapter), every
+// rank its checkpoint shard; a stop signal on any rank stops all after the same step.
+TrainRunResult run_training(const TrainConfig& config, const TrainerOptions& options = {},
+                            std::shared_ptr<Collective> comm = nullptr);
+
+// The adapter with whole fp32 masters (gathered from every rank when sharded): what gets saved.
+LoraModel full_adapter(Trainer& trainer);
 
 }  // namespace qlora

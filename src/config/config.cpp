@@ -224,6 +224,12 @@ const std::vector<KeySpec>& key_table() {
       bool_key("gradient_checkpointing", &TrainConfig::gradient_checkpointing, "recompute each layer in backward instead of keeping activations"),
       bool_key("activation_offloading", &TrainConfig::activation_offloading,
                "with gradient_checkpointing: keep each layer's input in pinned CPU memory, not on the GPU (axolotl's name)"),
+      float_key("gpu_memory_limit", &TrainConfig::gpu_memory_limit, 0, 1e6, false, false,
+                "GiB of GPU memory this run may use (the caching allocator's cap; 0: no cap), e.g. 15 to rehearse a 16 GB T4"),
+      bool_key("fsdp_reshard_after_forward", &TrainConfig::fsdp_reshard_after_forward,
+               "multi-GPU: free each layer's gathered weights after its forward and gather again in backward (FSDP2's default)"),
+      bool_key("fsdp_reduce_in_compute_dtype", &TrainConfig::fsdp_reduce_in_compute_dtype,
+               "multi-GPU: reduce-scatter LoRA gradients in the compute dtype (fp16: scaled by 1/sqrt(world) around the sum) instead of fp32"),
       {"bf16", "auto | true | false", "bf16 compute; auto: where the GPU supports it",
        [](TrainConfig& c, const ParseContext& ctx, const std::string& p, const YAML::Node& n) {
          bool b = false;

@@ -64,6 +64,9 @@ const std::optional<LoraLinear>& lora_projection(const LoraLayer& layer, const s
 const LinearWeight& base_projection(const DecoderLayerWeights& layer, const std::string& name) {
   return projection_by_name<const DecoderLayerWeights>(layer, name, "LoRA target");
 }
+LinearWeight& base_projection(DecoderLayerWeights& layer, const std::string& name) {
+  return projection_by_name<DecoderLayerWeights>(layer, name, "LoRA target");
+}
 
 LoraOptions lora_options_from_config(const TrainConfig& config) {
   LoraOptions o;

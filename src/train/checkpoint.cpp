@@ -15,9 +15,11 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <mutex>
 #include <regex>
 
+#include "checkpoint_internal.h"
 #include "qlora/error.h"
 #include "qlora/log.h"
 
@@ -94,13 +96,19 @@ json file_record(const fs::path& p) {
   return {{"size", static_cast<int64_t>(fs::file_size(p))}, {"crc32", hex32(file_crc32(p))}};
 }
 
-json read_manifest(const fs::path& dir) {
+}  // namespace
+
+namespace ckpt {
+
+Manifest read_manifest(const fs::path& dir) {
   const fs::path mp = dir / kCheckpointManifestFile;
   std::error_code ec;
   if (!fs::is_regular_file(mp, ec))
     throw UserError(mp.string() + ": missing (expected a complete checkpoint directory with a manifest)");
   std::ifstream in(mp, std::ios::binary);
-  json m = json::parse(in, nullptr, /*allow_exceptions=*/false);
+  Manifest out;
+  json& m = out.json;
+  m = json::parse(in, nullptr, /*allow_exceptions=*/false);
   if (m.is_discarded() || !m.is_object() || m.value("format", "") != kFormat || !m.contains("step") ||
       !m["step"].is_number_integer() || !m.contains("files") || !m["files"].is_object())
     throw UserError(mp.string() + ": not a valid checkpoint manifest (expected a JSON object with format \"" + kFormat +
@@ -108,13 +116,133 @@ json read_manifest(const fs::path& dir) {
   if (m.value("version", 0) > kVersion)
     throw UserError(mp.string() + ": manifest version " + std::to_string(m.value("version", 0)) + " (expected <= " +
                     std::to_string(kVersion) + "; written by a newer qlora)");
-  for (const char* f : {kCheckpointTensorsFile, kCheckpointStateFile})
-    if (!m["files"].contains(f)) throw UserError(mp.string() + ": lists no " + f + " (expected both " +
-                                                 kCheckpointTensorsFile + " and " + kCheckpointStateFile + ")");
-  return m;
+  const json& files = m["files"];
+  if (!files.contains(kCheckpointStateFile))
+    throw UserError(mp.string() + ": lists no " + kCheckpointStateFile + " (expected " + kCheckpointStateFile +
+                    " and the tensor files)");
+
+  // The tensor files: tensors.safetensors, or one rank file per rank of a single world size.
+  static const std::regex rank_re("^tensors-([0-9]{5})-of-([0-9]{5})\\.safetensors$");
+  std::map<int, std::string> ranks;
+  int world = -1;
+  for (const auto& [name, rec] : files.items()) {
+    std::smatch mt;
+    if (!std::regex_match(name, mt, rank_re)) continue;
+    const int r = std::stoi(mt[1].str()), w = std::stoi(mt[2].str());
+    if (world >= 0 && w != world)
+      throw UserError(mp.string() + ": lists rank files of world size " + std::to_string(world) + " and " +
+                      std::to_string(w) + " (expected one set of tensors-<rank>-of-<world>.safetensors)");
+    world = w;
+    if (w < 1 || r >= w)
+      throw UserError(mp.string() + ": lists " + name + " (expected a rank below the world size, which is at least 1)");
+    ranks[r] = name;
+  }
+  const bool one_file = files.contains(kCheckpointTensorsFile);
+  if (one_file && !ranks.empty())
+    throw UserError(mp.string() + ": lists both " + kCheckpointTensorsFile + " and " + ranks.begin()->second +
+                    " (expected one layout: a single tensor file or one file per rank)");
+  if (one_file) {
+    out.tensor_files = {kCheckpointTensorsFile};
+    return out;
+  }
+  if (ranks.empty())
+    throw UserError(mp.string() + ": lists no " + kCheckpointTensorsFile +
+                    " (expected it, or tensors-<rank>-of-<world>.safetensors for every rank)");
+  for (int r = 0; r < world; ++r) {
+    if (!ranks.count(r))
+      throw UserError(mp.string() + ": lists no " + rank_file_name(r, world) + " (rank " + std::to_string(r) +
+                      " of " + std::to_string(world) + "; expected every rank's tensor file)");
+    out.tensor_files.push_back(ranks[r]);
+  }
+  out.world_size = world;
+  if (m.contains("world_size") && m["world_size"] != world)
+    throw UserError(mp.string() + ": world_size " + m["world_size"].dump() + " (expected " + std::to_string(world) +
+                    ", the rank files listed)");
+  return out;
 }
 
-}  // namespace
+fs::path temp_dir_path(const fs::path& output_dir, int64_t step, int64_t pid) {
+  return output_dir / (".checkpoint-" + std::to_string(step) + ".tmp-" + std::to_string(pid));
+}
+
+void prepare_output_dir(const fs::path& output_dir) {
+  std::error_code ec;
+  fs::create_directories(output_dir, ec);
+  if (ec) throw UserError(output_dir.string() + ": cannot create the output directory: " + ec.message());
+  remove_incomplete_checkpoints(output_dir);
+}
+
+fs::path finish_checkpoint(const fs::path& tmp, const fs::path& output_dir, int64_t step, const json& state,
+                           const std::vector<std::string>& tensor_files, int world_size, int keep_last, int64_t pid) {
+  const fs::path final_dir = output_dir / checkpoint_dir_name(step);
+  std::error_code ec;
+  try {
+    write_file_atomic(tmp / kCheckpointStateFile, state.dump(2, ' ', false, json::error_handler_t::replace) + "\n");
+    // Checksums of the bytes as they landed on disk (read back), so a bad write shows up at load.
+    json manifest = {{"format", kFormat}, {"version", kVersion}, {"step", step}, {"world_size", world_size},
+                     {"files", json::object()}};
+    for (const auto& f : tensor_files) manifest["files"][f] = file_record(tmp / f);
+    manifest["files"][kCheckpointStateFile] = file_record(tmp / kCheckpointStateFile);
+    write_file_atomic(tmp / kCheckpointManifestFile, manifest.dump(2) + "\n");
+    fsync_dir(tmp);
+    if (fs::exists(final_dir)) {
+      // Same step saved again (a resumed run): swap the two directories in one atomic step, then
+      // remove the old one (now at the temp name). Where the filesystem cannot exchange, move
+      // the old one aside first; remove_incomplete_checkpoints puts it back if a kill comes
+      // between the two renames.
+      if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
+        fs::remove_all(tmp, ec);
+      } else {
+        const fs::path old = output_dir / (".checkpoint-" + std::to_string(step) + ".old-" + std::to_string(pid));
+        fs::rename(final_dir, old);
+        fs::rename(tmp, final_dir);
+        fs::remove_all(old, ec);
+      }
+    } else {
+      fs::rename(tmp, final_dir);
+    }
+    fsync_dir(output_dir);
+  } catch (const fs::filesystem_error& e) {
+    fs::remove_all(tmp, ec);
+    throw UserError(final_dir.string() + ": cannot save the checkpoint: " + e.what());
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+
+  if (keep_last > 0) {
+    auto dirs = list_checkpoint_dirs(output_dir);
+    int kept = 0;
+    for (auto it = dirs.rbegin(); it != dirs.rend(); ++it) {
+      if (it->second == final_dir) continue;  // counted below, never deleted
+      if (kept + 1 < keep_last) { ++kept; continue; }  // +1: the new checkpoint is one of keep_last
+      fs::remove_all(it->second, ec);
+      if (ec) log_warn(it->second.string() + ": cannot remove an old checkpoint: " + ec.message());
+      else log_info(cat("removed ", it->second.string(), " (save_total_limit ", keep_last, ")"));
+    }
+  }
+  return final_dir;
+}
+
+fs::path save_one_file_checkpoint(const fs::path& output_dir, int64_t step, const NamedTensors& tensors,
+                                  const std::map<std::string, std::string>& metadata, const json& state, int keep_last) {
+  if (step < 0) throw UserError("save_checkpoint: step " + std::to_string(step) + " (expected >= 0)");
+  prepare_output_dir(output_dir);
+  const int64_t pid = ::getpid();
+  const fs::path tmp = temp_dir_path(output_dir, step, pid);
+  std::error_code ec;
+  fs::create_directory(tmp, ec);
+  if (ec) throw UserError(tmp.string() + ": cannot create a temp checkpoint directory: " + ec.message());
+  try {
+    save_safetensors(tmp / kCheckpointTensorsFile, tensors, metadata);
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+  return finish_checkpoint(tmp, output_dir, step, state, {kCheckpointTensorsFile}, 1, keep_last, pid);
+}
+
+}  // namespace ckpt
 
 uint32_t crc32_update(uint32_t crc, const void* data, size_t size) {
   const auto& t = crc_tables().t;
@@ -183,68 +311,14 @@ int remove_incomplete_checkpoints(const fs::path& output_dir) {
 
 fs::path save_checkpoint(const fs::path& output_dir, int64_t step, const NamedTensors& tensors, const json& state,
                          int keep_last) {
-  if (step < 0) throw UserError("save_checkpoint: step " + std::to_string(step) + " (expected >= 0)");
-  std::error_code ec;
-  fs::create_directories(output_dir, ec);
-  if (ec) throw UserError(output_dir.string() + ": cannot create the output directory: " + ec.message());
-  remove_incomplete_checkpoints(output_dir);
-
-  const std::string pid = std::to_string(::getpid());
-  const fs::path final_dir = output_dir / checkpoint_dir_name(step);
-  const fs::path tmp = output_dir / (".checkpoint-" + std::to_string(step) + ".tmp-" + pid);
-  fs::create_directory(tmp, ec);
-  if (ec) throw UserError(tmp.string() + ": cannot create a temp checkpoint directory: " + ec.message());
-  try {
-    save_safetensors(tmp / kCheckpointTensorsFile, tensors, {{"format", "pt"}, {"step", std::to_string(step)}});
-    write_file_atomic(tmp / kCheckpointStateFile, state.dump(2, ' ', false, json::error_handler_t::replace) + "\n");
-    // Checksums of the bytes as they landed on disk (read back), so a bad write shows up at load.
-    json manifest = {{"format", kFormat}, {"version", kVersion}, {"step", step}, {"files", json::object()}};
-    for (const char* f : {kCheckpointTensorsFile, kCheckpointStateFile}) manifest["files"][f] = file_record(tmp / f);
-    write_file_atomic(tmp / kCheckpointManifestFile, manifest.dump(2) + "\n");
-    fsync_dir(tmp);
-    if (fs::exists(final_dir)) {
-      // Same step saved again (a resumed run): swap the two directories in one atomic step, then
-      // remove the old one (now at the temp name). Where the filesystem cannot exchange, move
-      // the old one aside first; remove_incomplete_checkpoints puts it back if a kill comes
-      // between the two renames.
-      if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
-        fs::remove_all(tmp, ec);
-      } else {
-        const fs::path old = output_dir / (".checkpoint-" + std::to_string(step) + ".old-" + pid);
-        fs::rename(final_dir, old);
-        fs::rename(tmp, final_dir);
-        fs::remove_all(old, ec);
-      }
-    } else {
-      fs::rename(tmp, final_dir);
-    }
-    fsync_dir(output_dir);
-  } catch (const fs::filesystem_error& e) {
-    fs::remove_all(tmp, ec);
-    throw UserError(final_dir.string() + ": cannot save the checkpoint: " + e.what());
-  } catch (...) {
-    fs::remove_all(tmp, ec);
-    throw;
-  }
-
-  if (keep_last > 0) {
-    auto dirs = list_checkpoint_dirs(output_dir);
-    int kept = 0;
-    for (auto it = dirs.rbegin(); it != dirs.rend(); ++it) {
-      if (it->second == final_dir) continue;  // counted below, never deleted
-      if (kept + 1 < keep_last) { ++kept; continue; }  // +1: the new checkpoint is one of keep_last
-      fs::remove_all(it->second, ec);
-      if (ec) log_warn(it->second.string() + ": cannot remove an old checkpoint: " + ec.message());
-      else log_info(cat("removed ", it->second.string(), " (save_total_limit ", keep_last, ")"));
-    }
-  }
-  return final_dir;
+  return ckpt::save_one_file_checkpoint(output_dir, step, tensors, {{"format", "pt"}, {"step", std::to_string(step)}},
+                                        state, keep_last);
 }
 
 void verify_checkpoint(const fs::path& dir) {
   std::error_code ec;
   if (!fs::is_directory(dir, ec)) throw UserError(dir.string() + ": not a directory (expected a checkpoint directory)");
-  const json m = read_manifest(dir);
+  const json m = ckpt::read_manifest(dir).json;
   for (const auto& [name, rec] : m["files"].items()) {
     const fs::path p = dir / name;
     if (name.find('/') != std::string::npos || name == ".." || !rec.is_object() || !rec.contains("size") ||
@@ -272,7 +346,10 @@ const at::Tensor* Checkpoint::find(const std::string& name) const {
 
 const at::Tensor& Checkpoint::tensor(const std::string& name) const {
   const at::Tensor* t = find(name);
-  if (!t) throw UserError((dir / kCheckpointTensorsFile).string() + ": no tensor '" + name + "' (expected by this run)");
+  if (!t) {
+    const fs::path where = world_size > 1 ? dir : dir / kCheckpointTensorsFile;
+    throw UserError(where.string() + ": no tensor '" + name + "' (expected by this run)");
+  }
   return *t;
 }
 
@@ -280,9 +357,9 @@ Checkpoint load_checkpoint(const fs::path& dir) {
   verify_checkpoint(dir);
   Checkpoint c;
   c.dir = dir;
-  c.step = read_manifest(dir)["step"].get<int64_t>();
-  SafetensorsFile f(dir / kCheckpointTensorsFile);
-  for (const auto& name : f.names()) c.tensors.emplace_back(name, f.tensor(name));
+  const ckpt::Manifest m = ckpt::read_manifest(dir);
+  c.step = m.json["step"].get<int64_t>();
+  ckpt::read_checkpoint_tensors(dir, m, c);
   const fs::path sp = dir / kCheckpointStateFile;
   std::ifstream in(sp, std::ios::binary);
   c.state = json::parse(in, nullptr, /*allow_exceptions=*/false);

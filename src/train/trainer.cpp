@@ -16,6 +16,7 @@
 #ifdef QLORA_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #endif
 
 #include "data/tokenizer_internal.h"
@@ -179,12 +180,29 @@ Tokenizer load_train_tokenizer(const TrainConfig& config, int64_t model_vocab_si
   return tok;
 }
 
-Trainer make_trainer(const TrainConfig& config, const TrainerOptions& options) {
+Trainer make_trainer(const TrainConfig& config, const TrainerOptions& options, std::shared_ptr<Collective> comm) {
   Trainer t;
   t.config = config;
   t.options = options;
   t.device = resolve_train_device(config.device);
+#ifdef QLORA_WITH_CUDA
+  if (t.device.is_cuda()) {
+    c10::cuda::set_device(t.device.index());  // kernels and NCCL use the current device
+    if (config.gpu_memory_limit > 0) {
+      const double total = static_cast<double>(at::cuda::getDeviceProperties(t.device.index())->totalGlobalMem);
+      const double fraction = config.gpu_memory_limit * double(1 << 30) / total;
+      if (fraction > 1.0)
+        throw UserError(cat("gpu_memory_limit: ", config.gpu_memory_limit, " GiB, but ", t.device.str(), " has ",
+                            fixed(total / double(1 << 30), 1), " GiB"));
+      c10::cuda::CUDACachingAllocator::setMemoryFraction(fraction, t.device.index());
+      log_info(cat("GPU memory capped at ", config.gpu_memory_limit, " GiB (", fixed(100 * fraction, 1), " % of ",
+                   t.device.str(), ")"));
+    }
+  }
+#endif
   t.compute_dtype = resolve_compute_dtype(config, t.device);
+  const bool sharded = comm != nullptr;
+  t.comm = sharded ? std::move(comm) : make_single_rank_collective();
   at::manual_seed(static_cast<uint64_t>(config.seed));  // dropout masks: same seed, same curve
 
   ModelLoadOptions mo;
@@ -200,7 +218,10 @@ Trainer make_trainer(const TrainConfig& config, const TrainerOptions& options) {
                fixed(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1), " s)"));
 
   const Tokenizer tokenizer = load_train_tokenizer(config, t.model.config.vocab_size);
+  // Rank 0 prepares (and caches) the data first; the others then read its cache.
+  if (sharded && t.rank() != 0) t.comm->barrier();
   t.data = prepare_data(config, tokenizer, prepared_data_dir(config));
+  if (sharded && t.rank() == 0) t.comm->barrier();
   if (t.data.train.empty()) throw UserError("no training examples left after preparing the datasets");
   t.batching.sequence_len = config.sequence_len;
   t.batching.micro_batch_size = config.micro_batch_size;
@@ -215,20 +236,34 @@ Trainer make_trainer(const TrainConfig& config, const TrainerOptions& options) {
                " tokens (", t.data.stats.trainable_tokens, " trained), ", t.micro_batches_per_epoch,
                " micro-batches per epoch", t.data.from_cache ? " (cached)" : ""));
 
+  // Same seed on every rank: the same initial adapter, of which each rank keeps its shard.
   t.lora = make_lora(t.model, lora_options_from_config(config), static_cast<uint64_t>(config.seed));
+  const int64_t n_lora_params = lora_parameter_count(t.lora);
   for (auto& [name, p] : named_lora_parameters(t.lora)) {
     t.param_names.push_back(name);
     t.params.push_back(p);
+  }
+  if (sharded) {
+    FsdpOptions fo;
+    fo.reshard_after_forward = config.fsdp_reshard_after_forward;
+    fo.reduce_in_compute_dtype = config.fsdp_reduce_in_compute_dtype;
+    t.fsdp = shard_model(t.model, t.lora, t.params, t.comm, fo);
+    const FsdpFootprint f = fsdp_footprint(*t.fsdp);
+    log_info(cat("sharded over ", t.world(), " rank(s) (", t.comm->engine(), "): this rank holds ",
+                 fixed(static_cast<double>(f.frozen_local_bytes) / (1 << 20), 1), " of ",
+                 fixed(static_cast<double>(f.frozen_total_bytes) / (1 << 20), 1), " MiB of layer weights and ",
+                 f.lora_local_elems, " of ", f.lora_total_elems, " LoRA parameters"));
   }
   t.optimizer = adamw_init(t.param_names, t.params);
   t.adamw = {config.adam_beta1, config.adam_beta2, config.adam_epsilon, config.weight_decay};
 
   const int64_t ga = std::max(1, config.gradient_accumulation_steps);
+  const int64_t per_step = ga * t.world();  // micro-batches of one optimizer step, all ranks together
   t.total_steps = config.max_steps > 0
                       ? config.max_steps
                       : std::max<int64_t>(1, static_cast<int64_t>(std::ceil(
                                                  config.num_epochs * static_cast<double>(t.micro_batches_per_epoch) /
-                                                 static_cast<double>(ga) - 1e-9)));
+                                                 static_cast<double>(per_step) - 1e-9)));
   t.schedule.kind = schedule_kind(config.lr_scheduler);
   t.schedule.base_lr = config.learning_rate;
   t.schedule.total_steps = t.total_steps;
@@ -239,9 +274,9 @@ Trainer make_trainer(const TrainConfig& config, const TrainerOptions& options) {
     if (options.init_loss_scale > 0) so.init_scale = options.init_loss_scale;
     t.scaler = make_loss_scaler(so, t.device);
   }
-  log_info(cat("LoRA r ", config.lora_r, ", alpha ", config.lora_alpha, ": ", lora_parameter_count(t.lora),
-               " trainable parameters; ", t.total_steps, " steps of ", ga, " x ", config.micro_batch_size,
-               " micro-batches, lr ", config.learning_rate, " (", to_string(t.schedule.kind), ", warmup ",
+  log_info(cat("LoRA r ", config.lora_r, ", alpha ", config.lora_alpha, ": ", n_lora_params,
+               " trainable parameters; ", t.total_steps, " steps of ", t.world() > 1 ? cat(t.world(), " ranks x ") : std::string(),
+               ga, " x ", config.micro_batch_size, " micro-batches, lr ", config.learning_rate, " (", to_string(t.schedule.kind), ", warmup ",
                t.schedule.warmup_steps, ")", config.gradient_checkpointing ? ", gradient checkpointing" : "",
                config.activation_offloading ? " (layer inputs offloaded to pinned CPU memory)" : "",
                t.scaler ? ", dynamic loss scaling" : ""));
@@ -250,14 +285,47 @@ Trainer make_trainer(const TrainConfig& config, const TrainerOptions& options) {
 
 // ---- checkpoints ------------------------------------------------------------------------------
 
+namespace {
+
+// Whole dim-0 rows of parameter i (its shard has rows_per_rank of them when sharded).
+std::vector<int64_t> full_param_rows(const Trainer& t) {
+  std::vector<int64_t> rows(t.params.size());
+  for (size_t i = 0; i < t.params.size(); ++i) rows[i] = t.params[i].size(0);
+  if (t.fsdp)
+    for (const ShardedLayer& sl : t.fsdp->layers)
+      for (const LoraShard& s : sl.lora) rows[s.param] = s.rows;
+  return rows;
+}
+
+}  // namespace
+
 fs::path save_trainer_checkpoint(Trainer& t) {
+  // Sharded runs: each rank writes the valid rows of its shards of the LoRA masters and their AdamW
+  // state, with their global offsets; the RNG states are per rank.
+  const std::vector<int64_t> rows = full_param_rows(t);
   NamedTensors tensors;
-  for (size_t i = 0; i < t.params.size(); ++i) tensors.emplace_back("lora." + t.param_names[i], t.params[i].detach());
-  for (auto& nt : adamw_state_tensors(t.optimizer, "optimizer.")) tensors.push_back(std::move(nt));
+  std::vector<std::pair<std::string, ShardPlacement>> shards;
+  auto add = [&](const std::string& name, const at::Tensor& local, size_t i) {
+    if (!t.fsdp) {
+      tensors.emplace_back(name, local.detach());
+      return;
+    }
+    const ShardPlacement p = shard_placement(rows[i], t.world(), t.rank());
+    tensors.emplace_back(name, local.detach().narrow(0, 0, p.rows));
+    shards.emplace_back(name, p);
+  };
+  for (size_t i = 0; i < t.params.size(); ++i) add("lora." + t.param_names[i], t.params[i], i);
+  for (size_t i = 0; i < t.params.size(); ++i) {
+    add("optimizer." + t.optimizer.names[i] + ".exp_avg", t.optimizer.exp_avg[i], i);
+    add("optimizer." + t.optimizer.names[i] + ".exp_avg_sq", t.optimizer.exp_avg_sq[i], i);
+  }
+  for (auto& [name, tensor] : adamw_state_tensors(t.optimizer, "optimizer."))
+    if (tensor.dim() == 0) tensors.emplace_back(name, tensor);  // the step count
   for (auto& nt : rng_state_tensors()) tensors.push_back(std::move(nt));
   nlohmann::json state = {
       {"step", t.step},
       {"total_steps", t.total_steps},
+      {"world_size", t.world()},
       {"data_position", {{"epoch", t.position.epoch}, {"micro_batch", t.position.micro_batch}}},
       {"scheduler", {{"kind", to_string(t.schedule.kind)}, {"base_lr", t.schedule.base_lr},
                      {"warmup_steps", t.schedule.warmup_steps}, {"total_steps", t.schedule.total_steps},
@@ -265,23 +333,37 @@ fs::path save_trainer_checkpoint(Trainer& t) {
       {"data_cache_key", t.data.cache_key},
   };
   if (t.scaler) state["loss_scaler"] = loss_scaler_state(*t.scaler);
-  return save_checkpoint(t.config.output_dir, t.step, tensors, state, t.config.save_total_limit);
+  return save_sharded_checkpoint(t.config.output_dir, t.step, tensors, shards, state, t.config.save_total_limit, *t.comm);
 }
 
 void load_trainer_checkpoint(Trainer& t, const fs::path& dir) {
-  const Checkpoint ck = load_checkpoint(dir);
+  const Checkpoint ck = load_checkpoint(dir);  // sharded checkpoints come back whole, at any world size
+  const std::vector<int64_t> rows = full_param_rows(t);
+  // This rank's part of a whole tensor of parameter i's shape (checked), as the trainer holds it.
+  auto local_part = [&](const std::string& name, size_t i) {
+    const at::Tensor& src = ck.tensor(name);
+    std::vector<int64_t> want = t.params[i].sizes().vec();
+    want[0] = rows[i];
+    if (src.sizes().vec() != want)
+      throw UserError(cat("checkpoint ", dir.string(), ": tensor ", name, " has shape ", src.sizes(),
+                          ", the adapter of this config needs ", at::IntArrayRef(want), " (different lora_r or targets?)"));
+    return t.fsdp ? shard_rows(src, t.world(), t.rank()) : src;
+  };
   {
     at::NoGradGuard no_grad;
-    for (size_t i = 0; i < t.params.size(); ++i) {
-      const at::Tensor& src = ck.tensor("lora." + t.param_names[i]);
-      if (src.sizes() != t.params[i].sizes())
-        throw UserError(cat("checkpoint ", dir.string(), ": tensor lora.", t.param_names[i], " has shape ", src.sizes(),
-                            ", the adapter of this config needs ", t.params[i].sizes(), " (different lora_r or targets?)"));
-      t.params[i].copy_(src);
-    }
+    for (size_t i = 0; i < t.params.size(); ++i) t.params[i].copy_(local_part("lora." + t.param_names[i], i));
   }
-  adamw_load_state(t.optimizer, ck.tensors, "optimizer.");
-  restore_rng_state(ck.tensors);
+  NamedTensors adam;
+  for (size_t i = 0; i < t.params.size(); ++i)
+    for (const char* k : {".exp_avg", ".exp_avg_sq"}) {
+      const std::string name = "optimizer." + t.optimizer.names[i] + k;
+      adam.emplace_back(name, local_part(name, i));
+    }
+  adam.emplace_back("optimizer.step", ck.tensor("optimizer.step"));
+  adamw_load_state(t.optimizer, adam, "optimizer.");
+  // The RNG states of the same rank when it existed in the saved run, else rank 0's.
+  const size_t r = static_cast<size_t>(t.rank()) < ck.rank_tensors.size() ? static_cast<size_t>(t.rank()) : 0;
+  restore_rng_state(ck.rank_tensors.empty() ? ck.tensors : ck.rank_tensors[r]);
   const nlohmann::json& s = ck.state;
   try {
     t.step = s.at("step").get<int64_t>();
@@ -299,14 +381,18 @@ void load_trainer_checkpoint(Trainer& t, const fs::path& dir) {
   t.plan_epoch = -1;  // re-planned for the restored epoch
 }
 
+LoraModel full_adapter(Trainer& t) { return t.fsdp ? gather_lora(*t.fsdp, t.lora, t.params) : t.lora; }
+
 // ---- the run ----------------------------------------------------------------------------------
 
-TrainRunResult run_training(const TrainConfig& config, const TrainerOptions& options) {
-  Trainer t = make_trainer(config, options);
+TrainRunResult run_training(const TrainConfig& config, const TrainerOptions& options, std::shared_ptr<Collective> comm) {
+  Trainer t = make_trainer(config, options, std::move(comm));
   TrainRunResult result;
   const fs::path out = config.output_dir;
   const bool outputs = options.write_outputs;
-  if (outputs) fs::create_directories(out);
+  const bool lead = t.rank() == 0;  // writes metrics, the loss curve, the adapter; logs the steps
+  if (outputs && lead) fs::create_directories(out);
+  if (outputs) t.comm->barrier();  // the output directory exists before any rank looks into it
 
   std::optional<fs::path> resume;
   if (outputs) resume = resolve_resume_checkpoint(config.resume_from_checkpoint, out);
@@ -316,19 +402,19 @@ TrainRunResult run_training(const TrainConfig& config, const TrainerOptions& opt
                  t.position.micro_batch, ")"));
   }
   std::optional<MetricsLog> metrics;
-  if (outputs) {
+  if (outputs && lead) {
     metrics = open_metrics_log(out / "metrics.jsonl", resume ? t.step : -1);
     write_file_atomic(out / "config.resolved.yaml", config_to_yaml(config));
   }
   const std::string title = cat("qlora: ", fs::path(config.base_model).filename().string(), " r", config.lora_r);
   auto write_svg = [&] {
-    if (outputs) write_loss_curve_svg(out / "loss.svg", read_loss_curve(out / "metrics.jsonl"), title);
+    if (outputs && lead) write_loss_curve_svg(out / "loss.svg", read_loss_curve(out / "metrics.jsonl"), title);
   };
   auto run_eval = [&] {
     const std::optional<double> ev = evaluate(t);
     if (!ev) return false;
     const double ppl = std::exp(std::min(*ev, 700.0));
-    log_info(cat("eval step ", t.step, ": loss ", fixed(*ev, 4), ", perplexity ", fixed(ppl, 2)));
+    if (lead) log_info(cat("eval step ", t.step, ": loss ", fixed(*ev, 4), ", perplexity ", fixed(ppl, 2)));
     if (metrics) append_metrics(*metrics, {{"step", t.step}, {"eval_loss", *ev}, {"eval_perplexity", ppl}});
     return true;
   };
@@ -339,6 +425,8 @@ TrainRunResult run_training(const TrainConfig& config, const TrainerOptions& opt
   int64_t last_saved = -1, last_eval = -1;
   const int w = static_cast<int>(std::to_string(t.total_steps).size());
   while (t.step < t.total_steps) {
+    if (options.throw_at_step >= 0 && t.step == options.throw_at_step)
+      throw std::runtime_error(cat("test hook: rank ", t.rank(), " fails before step ", t.step + 1));
     const auto s0 = std::chrono::steady_clock::now();
     const StepResult r = train_step(t);
     const auto s1 = std::chrono::steady_clock::now();
@@ -348,7 +436,7 @@ TrainRunResult run_training(const TrainConfig& config, const TrainerOptions& opt
     result.losses.push_back(r.loss);
     std::ostringstream step_str;
     step_str << std::setw(w) << t.step << "/" << t.total_steps;
-    log_info(cat("step ", step_str.str(), " | loss ", fixed(r.loss, 4), " | lr ", sci(r.lr), " | grad-norm ",
+    if (lead) log_info(cat("step ", step_str.str(), " | loss ", fixed(r.loss, 4), " | lr ", sci(r.lr), " | grad-norm ",
                  fixed(r.grad_norm, 3), r.skipped ? " (skipped)" : "", " | ", fixed(r.tokens / std::max(dt, 1e-9), 0),
                  " tok/s | peak mem ", fixed(static_cast<double>(peak_memory_bytes(t.device)) / (1 << 20), 1),
                  " MiB | ETA ", hms(eta)));
@@ -368,12 +456,16 @@ TrainRunResult run_training(const TrainConfig& config, const TrainerOptions& opt
       append_metrics(*metrics, rec);
     }
     if (config.eval_steps > 0 && t.step % config.eval_steps == 0 && run_eval()) last_eval = t.step;
-    const bool stop = g_stop_signal.load() != 0 || (options.stop_after_step >= 0 && t.step >= options.stop_after_step);
+    // A signal on any rank stops every rank after this same step.
+    at::Tensor stop_flag = at::full({1}, g_stop_signal.load() != 0 ? 1.0 : 0.0,
+                                    at::TensorOptions().dtype(at::kFloat).device(t.device));
+    t.comm->all_reduce(stop_flag, ReduceOp::max);
+    const bool stop = stop_flag.item<float>() > 0 || (options.stop_after_step >= 0 && t.step >= options.stop_after_step);
     if (outputs && ((config.save_steps > 0 && t.step % config.save_steps == 0) || stop)) {
       result.last_checkpoint = save_trainer_checkpoint(t);
       last_saved = t.step;
       write_svg();
-      log_info(cat("checkpoint ", result.last_checkpoint.string()));
+      if (lead) log_info(cat("checkpoint ", result.last_checkpoint.string()));
     }
     if (stop) {
       const int sig = g_stop_signal.load();
@@ -389,10 +481,12 @@ TrainRunResult run_training(const TrainConfig& config, const TrainerOptions& opt
   if (!t.data.val.empty() && last_eval != t.step) run_eval();
   if (outputs) {
     if (last_saved != t.step) result.last_checkpoint = save_trainer_checkpoint(t);
-    save_peft_adapter(out, t.lora, t.model.config, config.base_model);
+    const LoraModel adapter = full_adapter(t);  // collective when sharded: every rank takes part
+    if (lead) save_peft_adapter(out, adapter, t.model.config, config.base_model);
+    t.comm->barrier();  // no rank reports done before the adapter is on disk
     result.adapter_dir = out;
     write_svg();
-    log_info(cat("done: ", t.step, " steps; adapter in ", out.string(), " (adapter_config.json, adapter_model.safetensors), "
+    if (lead) log_info(cat("done: ", t.step, " steps; adapter in ", out.string(), " (adapter_config.json, adapter_model.safetensors), "
                  "loss curve ", (out / "loss.svg").string()));
   }
   return result;

@@ -71,6 +71,13 @@ Batch make_train_batch(const Trainer& t, const std::vector<int64_t>& indices) {
 
 at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, double loss_multiplier) {
   const LlamaWeights& m = t.model;
+  Fsdp* fsdp = t.fsdp ? &*t.fsdp : nullptr;
+  // Sharded runs: gather layer i (waiting for its prefetch) and start gathering `next`.
+  auto unshard = [&](size_t i, size_t next) {
+    if (!fsdp) return;
+    unshard_layer(*fsdp, i, t.params);
+    if (fsdp->options.prefetch) prefetch_layer(*fsdp, next, t.params);
+  };
   const at::Tensor ids = batch.input_ids.to(m.device);
   const at::Tensor pos = batch.position_ids.to(m.device);
   const at::Tensor targets = batch.target_ids.to(m.device);
@@ -81,10 +88,19 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
 
   if (!t.config.gradient_checkpointing) {
     // The plain autograd graph: every layer's activations stay until the backward.
+    // Sharded: every layer stays gathered until the backward has run through it.
     at::Tensor h = h0;
-    for (size_t i = 0; i < L; ++i) h = decoder_layer(h, m.layers[i], m, attn, t.scratch, &t.lora.layers[i], true);
+    for (size_t i = 0; i < L; ++i) {
+      unshard(i, i + 1);
+      h = decoder_layer(h, m.layers[i], m, attn, t.scratch, &t.lora.layers[i], true);
+    }
     const at::Tensor loss = head_loss(t, h, targets, normalizer);
     (loss_multiplier == 1.0 ? loss : loss * loss_multiplier).backward();
+    if (fsdp)
+      for (size_t k = L; k-- > 0;) {
+        reduce_scatter_layer_grads(*fsdp, k, t.params);
+        reshard_layer(*fsdp, k);
+      }
     return loss.detach();
   }
 
@@ -104,11 +120,12 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
   {
     at::NoGradGuard no_grad;
     for (size_t i = 0; i < L; ++i) {
-      // unshard(layer i): multi-GPU (later issue) all-gathers the NF4 bytes + LoRA shards here
+      unshard(i, i + 1);  // all-gather layer i's NF4 bytes + LoRA shards; prefetch layer i + 1
       inputs[i] = keep(h);
       rng[i] = get_rng(m.device);
       h = decoder_layer(h, m.layers[i], m, attn, t.scratch, &t.lora.layers[i], true);
-      // reshard(layer i)
+      if (fsdp && fsdp->options.reshard_after_forward && i + 1 < L) reshard_layer(*fsdp, i);
+      // (the last layer stays gathered: the backward starts with it)
     }
   }
   const at::Tensor rng_after_forward = get_rng(m.device);
@@ -121,12 +138,15 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
 
   // Backward layer by layer: recompute layer i from h_i with grad on, backward dh, pass dh_i down.
   for (size_t k = L; k-- > 0;) {
-    // unshard(layer k)
+    unshard(k, k - 1);  // prefetch in backward order (k - 1 wraps past 0 for k = 0: no layer, no-op)
     const at::Tensor hin = restore(inputs[k]).detach().requires_grad_(k > 0);
     set_rng(m.device, rng[k]);  // the same dropout masks as the forward (preserve_rng_state)
     const at::Tensor out = decoder_layer(hin, m.layers[k], m, attn, t.scratch, &t.lora.layers[k], true);
     torch::autograd::backward({out}, {dh});
-    // reduce-scatter layer k's LoRA grads; reshard(layer k)
+    if (fsdp) {
+      reduce_scatter_layer_grads(*fsdp, k, t.params);  // sum over ranks into the local shards' grads
+      reshard_layer(*fsdp, k);
+    }
     if (k > 0) dh = hin.grad();
     inputs[k] = at::Tensor();  // free the kept input as soon as it is used
   }
@@ -140,7 +160,16 @@ StepResult train_step_on(Trainer& t, const std::vector<Batch>& batches) {
     r.tokens += b.n_tokens;
     r.target_tokens += b.n_target_tokens;
   }
-  // The exact normalizer: the target tokens of the whole step (DESIGN "Numbers that must hold").
+  // The exact normalizer: the target tokens of the whole step over every rank (DESIGN "Numbers that
+  // must hold"); a double tensor on the device so NCCL can sum it.
+  {
+    at::Tensor counts = at::tensor({static_cast<double>(r.tokens), static_cast<double>(r.target_tokens)},
+                                   at::TensorOptions().dtype(at::kDouble)).to(t.device);
+    t.comm->all_reduce(counts);
+    counts = counts.cpu();
+    r.tokens = static_cast<int64_t>(counts[0].item<double>());
+    r.target_tokens = static_cast<int64_t>(counts[1].item<double>());
+  }
   const double normalizer = static_cast<double>(std::max<int64_t>(1, r.target_tokens));
   const bool inject = t.options.inject_overflow_step >= 0 && t.step == t.options.inject_overflow_step;
   double multiplier = t.scaler ? loss_scale_value(*t.scaler) : 1.0;
@@ -151,6 +180,9 @@ StepResult train_step_on(Trainer& t, const std::vector<Batch>& batches) {
 
   at::Tensor loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(t.device));
   for (const Batch& b : batches) loss_sum.add_(forward_backward(t, b, normalizer, multiplier));
+  if (t.fsdp) finish_grads(*t.fsdp, t.params);
+  t.comm->all_reduce(loss_sum);  // each rank's share of the global mean
+  const AllReduceFn sum_over_ranks = [&t](at::Tensor& x) { t.comm->all_reduce(x); };
 
   std::vector<at::Tensor> grads;
   grads.reserve(t.params.size());
@@ -159,12 +191,12 @@ StepResult train_step_on(Trainer& t, const std::vector<Batch>& batches) {
   r.lr = lr_at(t.schedule, t.step);
   bool overflow = false;
   if (t.scaler) {
-    overflow = unscale_grads(*t.scaler, grads);
+    overflow = unscale_grads(*t.scaler, grads, sum_over_ranks);
   } else if (inject) {
     overflow = true;  // no scaler to unscale: the hook's inf gradients are skipped all the same
   }
   if (!overflow) {
-    const ClipResult clip = clip_grad_norm(grads, t.config.max_grad_norm);
+    const ClipResult clip = clip_grad_norm(grads, t.config.max_grad_norm, sum_over_ranks);
     r.grad_norm = clip.norm;
     overflow = !clip.finite;
   } else {
@@ -187,8 +219,13 @@ StepResult train_step_on(Trainer& t, const std::vector<Batch>& batches) {
 StepResult train_step(Trainer& t) {
   std::vector<Batch> batches;
   const int ga = std::max(1, t.config.gradient_accumulation_steps);
+  const int world = t.world();
   batches.reserve(static_cast<size_t>(ga));
-  for (int i = 0; i < ga; ++i) batches.push_back(make_train_batch(t, next_micro_batch(t)));
+  // The step's world * ga micro-batches of the global stream; this rank takes every world-th.
+  for (int i = 0; i < ga * world; ++i) {
+    std::vector<int64_t> indices = next_micro_batch(t);
+    if (i % world == t.rank()) batches.push_back(make_train_batch(t, indices));
+  }
   return train_step_on(t, batches);
 }
 
@@ -197,22 +234,48 @@ std::optional<double> evaluate(Trainer& t) {
   at::NoGradGuard no_grad;
   BatchingOptions b = t.batching;
   const std::vector<std::vector<int64_t>> plan = plan_micro_batches(t.data.val, b);
-  double sum = 0.0;
-  int64_t n = 0;
+  const LlamaWeights& m = t.model;
+  Fsdp* fsdp = t.fsdp ? &*t.fsdp : nullptr;
+  // Summed over this rank's micro-batches (every world-th), then over ranks.
+  at::Tensor totals = at::zeros({2}, at::TensorOptions().dtype(at::kDouble).device(t.device));
   FlceOptions o;
   o.reduction = FlceOptions::Reduction::sum;
-  for (const auto& idx : plan) {
-    const Batch batch = make_batch(t.data.val, idx, b);
-    if (batch.n_target_tokens == 0) continue;
-    ForwardInputs in{batch.input_ids.to(t.device), batch.position_ids.to(t.device)};
-    const at::Tensor h = llama_hidden_states(t.model, in, t.scratch, &t.lora, /*training=*/false);
-    sum += fused_linear_cross_entropy_forward(h.reshape({-1, h.size(-1)}), t.model.lm_head,
-                                              batch.target_ids.to(t.device).reshape({-1}), o)
-               .item<double>();
-    n += batch.n_target_tokens;
+  // Rounds of one micro-batch per rank. Sharded layers are gathered collectively, so a rank with
+  // nothing to evaluate in a round (the plan's tail, or no target tokens) still joins the gathers.
+  const size_t world = static_cast<size_t>(t.world());
+  const size_t rounds = (plan.size() + world - 1) / world;
+  for (size_t round = 0; round < rounds; ++round) {
+    const size_t j = round * world + static_cast<size_t>(t.rank());
+    std::optional<Batch> batch;
+    if (j < plan.size()) batch = make_batch(t.data.val, plan[j], b);
+    if (batch && batch->n_target_tokens == 0) batch.reset();
+    if (!batch && !fsdp) continue;
+    at::Tensor h;
+    AttentionInputs attn;
+    if (batch) {
+      const at::Tensor ids = batch->input_ids.to(t.device), pos = batch->position_ids.to(t.device);
+      attn = attention_inputs(m, pos, ids.size(0), ids.size(1));
+      h = at::embedding(m.embed_tokens, ids);
+    }
+    for (size_t i = 0; i < m.layers.size(); ++i) {
+      if (fsdp) {
+        unshard_layer(*fsdp, i, t.params);
+        if (fsdp->options.prefetch) prefetch_layer(*fsdp, i + 1, t.params);
+      }
+      if (batch) h = decoder_layer(h, m.layers[i], m, attn, t.scratch, &t.lora.layers[i], /*training=*/false);
+      if (fsdp) reshard_layer(*fsdp, i);
+    }
+    if (!batch) continue;
+    h = rms_norm(h, m.norm, m.config.rms_norm_eps);
+    totals[0] += fused_linear_cross_entropy_forward(h.reshape({-1, h.size(-1)}), m.lm_head,
+                                                    batch->target_ids.to(t.device).reshape({-1}), o)
+                     .to(at::kDouble);
+    totals[1] += static_cast<double>(batch->n_target_tokens);
   }
-  if (n == 0) return std::nullopt;
-  return sum / static_cast<double>(n);
+  t.comm->all_reduce(totals);
+  const at::Tensor cpu = totals.cpu();
+  if (cpu[1].item<double>() == 0) return std::nullopt;
+  return cpu[0].item<double>() / cpu[1].item<double>();
 }
 
 }  // namespace qlora

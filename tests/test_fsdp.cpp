@@ -1,0 +1,235 @@
+// Multi-rank training (issue 8) with the in-process collective, one thread per rank, fp32 on the
+// CPU: sharding and unsharding give back the exact layer tensors; 20 steps at 1, 2 and 4 ranks give
+// the losses and the adapter of the plain single-process run; each rank holds about 1/world of the
+// sharded state; a checkpoint saved at 2 ranks resumes at 1 and at 4 ranks with the same next loss;
+// a rank that throws stops every rank (no hang).
+#include <ATen/core/grad_mode.h>
+
+#include <atomic>
+#include <cmath>
+#include <exception>
+#include <filesystem>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "qlora/checkpoint.h"
+#include "qlora/config.h"
+#include "qlora/dist.h"
+#include "qlora/fsdp.h"
+#include "qlora/safetensors.h"
+#include "qlora/trainer.h"
+#include "test_util.h"
+#include "trainer_fixture.h"
+
+// After the libtorch headers: c10 defines its own CHECK, which Catch2's must replace.
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+
+namespace fs = std::filesystem;
+using qlora::test::TempDir;
+
+namespace {
+
+// Runs fn(rank, comm) on `world` threads sharing one in-process group. A rank that throws aborts
+// the group (so the others do not wait forever); the first exception is rethrown after all joined.
+template <class Result>
+std::vector<Result> run_ranks(int world, const std::function<Result(int, std::shared_ptr<qlora::Collective>)>& fn) {
+  auto comms = qlora::make_in_process_collectives(world, std::chrono::seconds(120));
+  std::vector<Result> results(static_cast<size_t>(world));
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(world));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < world; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        results[static_cast<size_t>(r)] = fn(r, comms[static_cast<size_t>(r)]);
+      } catch (const std::exception& e) {
+        errors[static_cast<size_t>(r)] = std::current_exception();
+        comms[static_cast<size_t>(r)]->abort(e.what());
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+  return results;
+}
+
+qlora::TrainConfig make_config(const fs::path& dir, const std::vector<std::string>& overrides) {
+  return qlora::parse_config(qlora::test::trainer_yaml(dir, ""), "test.yaml", overrides);
+}
+
+std::vector<std::string> with(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+// A 20-step run on `world` ranks (nullptr world 0: the plain single-process path) with a global
+// batch of 4 micro-batches: gradient_accumulation_steps = 4 / world.
+qlora::TrainRunResult train(const fs::path& dir, int world, const std::vector<std::string>& overrides,
+                            const qlora::TrainerOptions& options = {}) {
+  const int ga = 4 / std::max(1, world);
+  const qlora::TrainConfig cfg =
+      make_config(dir, with({"gradient_accumulation_steps=" + std::to_string(ga)}, overrides));
+  if (world == 0) return qlora::run_training(cfg, options);
+  auto results = run_ranks<qlora::TrainRunResult>(
+      world, [&](int, std::shared_ptr<qlora::Collective> comm) { return qlora::run_training(cfg, options, comm); });
+  for (int r = 1; r < world; ++r) REQUIRE(results[static_cast<size_t>(r)].losses == results[0].losses);
+  return results[0];
+}
+
+double max_adapter_diff(const fs::path& a, const fs::path& b) {
+  const qlora::SafetensorsFile fa(a / "adapter_model.safetensors"), fb(b / "adapter_model.safetensors");
+  REQUIRE(fa.names() == fb.names());
+  double d = 0;
+  for (const auto& n : fa.names()) d = std::max(d, (fa.tensor(n) - fb.tensor(n)).abs().max().item<double>());
+  return d;
+}
+
+const std::vector<std::string> kRecipe = {"adapter=qlora", "load_in_4bit=true", "max_steps=20",
+                                          "lr_scheduler=cosine", "warmup_steps=2", "save_steps=0"};
+
+}  // namespace
+
+TEST_CASE("fsdp: shard then unshard gives back every layer tensor bit for bit, 1/world per rank", "[dist][fsdp]") {
+  TempDir d("qlora_fsdp");
+  qlora::test::write_trainer_fixture(d.path);
+  for (const bool nf4 : {true, false}) {
+    qlora::TrainerOptions o;
+    o.write_outputs = false;
+    const qlora::TrainConfig cfg =
+        make_config(d.path, nf4 ? std::vector<std::string>{"adapter=qlora", "load_in_4bit=true"} : std::vector<std::string>{});
+    const qlora::Trainer plain = qlora::make_trainer(cfg, o);
+    for (const int world : {1, 2, 3, 4}) {
+      CAPTURE(nf4, world);
+      // Catch2 assertions are not thread-safe: each rank returns a list of what did not hold.
+      const auto problems = run_ranks<std::string>(world, [&](int rank, std::shared_ptr<qlora::Collective> comm) {
+        std::string bad;
+        auto expect = [&bad, rank](bool ok, const std::string& what) {
+          if (!ok) bad += "rank " + std::to_string(rank) + ": " + what + "\n";
+        };
+        qlora::Trainer t = qlora::make_trainer(cfg, o, comm);
+        expect(t.fsdp.has_value(), "not sharded");
+        const qlora::FsdpFootprint f = qlora::fsdp_footprint(*t.fsdp);
+        // Shards are padded to whole units, so "about": at least 1/world, at most one unit more per tensor.
+        expect(f.frozen_local_bytes * world >= f.frozen_total_bytes, "frozen shards smaller than 1/world");
+        expect(f.lora_local_elems * world >= f.lora_total_elems, "LoRA shards smaller than 1/world");
+        expect(f.lora_local_elems * world <= f.lora_total_elems + int64_t{2} * 7 * 2 * 96 * world, "LoRA shards too big");
+        for (size_t i = 0; i < t.model.layers.size(); ++i) {
+          const qlora::LinearWeight& q = t.model.layers[i].q_proj;
+          expect(!(q.nf4 ? q.nf4->packed.defined() : q.dense.defined()), "layer weight still whole after sharding");
+          qlora::unshard_layer(*t.fsdp, i, t.params);
+          for (const std::string& name : qlora::lora_projection_names()) {
+            const std::string where = "layer " + std::to_string(i) + " " + name;
+            const qlora::LinearWeight& a = qlora::base_projection(t.model.layers[i], name);
+            const qlora::LinearWeight& b = qlora::base_projection(plain.model.layers[i], name);
+            if (nf4) {
+              expect(at::equal(a.nf4->packed, b.nf4->packed), where + " packed");
+              expect(at::equal(a.nf4->absmax, b.nf4->absmax), where + " absmax");
+              expect(at::equal(a.nf4->absmax2, b.nf4->absmax2), where + " absmax2");
+            } else {
+              expect(at::equal(a.dense, b.dense), where + " dense");
+            }
+            const auto& la = qlora::lora_projection(t.lora.layers[i], name);
+            const auto& lb = qlora::lora_projection(plain.lora.layers[i], name);
+            expect(at::equal(la->A, lb->A) && at::equal(la->B, lb->B), where + " LoRA");
+          }
+          qlora::reshard_layer(*t.fsdp, i);
+          expect(!qlora::lora_projection(t.lora.layers[i], "q_proj")->A.defined(), "LoRA still whole after reshard");
+        }
+        // The whole adapter comes back on every rank.
+        const qlora::LoraModel full = qlora::full_adapter(t);
+        expect(at::equal(full.layers[1].down_proj->A, plain.lora.layers[1].down_proj->A), "gathered adapter");
+        return bad;
+      });
+      for (const std::string& p : problems) CHECK(p == "");
+    }
+  }
+}
+
+TEST_CASE("fsdp: 20 steps at 1, 2 and 4 ranks equal the plain run (losses and adapter, fp32)", "[dist][fsdp][train]") {
+  TempDir d("qlora_fsdp");
+  qlora::test::write_trainer_fixture(d.path);
+  const qlora::TrainRunResult plain = train(d.path, 0, with(kRecipe, {"output_dir=" + (d.path / "plain").string()}));
+  REQUIRE(plain.losses.size() == 20);
+  for (const int world : {1, 2, 4}) {
+    for (const bool reshard : {true, false}) {
+      if (world != 2 && !reshard) continue;
+      CAPTURE(world, reshard);
+      const fs::path out = d.path / ("w" + std::to_string(world) + (reshard ? "" : "-keep"));
+      const qlora::TrainRunResult r =
+          train(d.path, world, with(kRecipe, {"output_dir=" + out.string(),
+                                              std::string("fsdp_reshard_after_forward=") + (reshard ? "true" : "false")}));
+      REQUIRE(r.losses.size() == 20);
+      for (size_t i = 0; i < 20; ++i) {
+        CAPTURE(i, plain.losses[i], r.losses[i]);
+        CHECK(std::abs(r.losses[i] - plain.losses[i]) <= 1e-5 * std::max(1.0, std::abs(plain.losses[i])));
+      }
+      CHECK(max_adapter_diff(d.path / "plain", out) <= 1e-5);
+    }
+  }
+  // Without gradient checkpointing (the whole graph kept, layers gathered until the backward).
+  const fs::path out = d.path / "w2-nockpt";
+  const qlora::TrainRunResult r =
+      train(d.path, 2, with(kRecipe, {"output_dir=" + out.string(), "gradient_checkpointing=false"}));
+  for (size_t i = 0; i < 20; ++i) CHECK(std::abs(r.losses[i] - plain.losses[i]) <= 1e-5 * std::max(1.0, plain.losses[i]));
+  CHECK(max_adapter_diff(d.path / "plain", out) <= 1e-5);
+}
+
+TEST_CASE("fsdp: a checkpoint saved at 2 ranks resumes at 1 and at 4 ranks with the same next losses", "[dist][fsdp][train]") {
+  TempDir d("qlora_fsdp");
+  qlora::test::write_trainer_fixture(d.path);
+  const std::vector<std::string> recipe = with(kRecipe, {"lora_dropout=0.0"});
+  const qlora::TrainRunResult full = train(d.path, 2, with(recipe, {"output_dir=" + (d.path / "full").string()}));
+  qlora::TrainerOptions stop;
+  stop.stop_after_step = 10;
+  const qlora::TrainRunResult first = train(d.path, 2, with(recipe, {"output_dir=" + (d.path / "split").string()}), stop);
+  REQUIRE(first.interrupted);
+  const fs::path ck = d.path / "split" / "checkpoint-10";
+  REQUIRE(fs::exists(ck / "tensors-00000-of-00002.safetensors"));
+  REQUIRE(fs::exists(ck / "tensors-00001-of-00002.safetensors"));
+  CHECK(qlora::load_checkpoint(ck).world_size == 2);
+  for (const int world : {1, 4, 0}) {
+    CAPTURE(world);
+    const fs::path out = d.path / ("resume" + std::to_string(world));
+    fs::create_directories(out);
+    fs::copy(ck, out / "checkpoint-10", fs::copy_options::recursive);
+    const qlora::TrainRunResult rest =
+        train(d.path, world, with(recipe, {"output_dir=" + out.string(), "resume_from_checkpoint=auto"}));
+    REQUIRE(rest.losses.size() == 10);
+    for (size_t i = 0; i < 10; ++i) {
+      CAPTURE(i);
+      CHECK(std::abs(rest.losses[i] - full.losses[10 + i]) <= 1e-5 * std::max(1.0, full.losses[10 + i]));
+    }
+    CHECK(max_adapter_diff(d.path / "full", out) <= 1e-5);
+  }
+}
+
+TEST_CASE("fsdp: a rank that throws stops every rank instead of hanging", "[dist][fsdp][train]") {
+  TempDir d("qlora_fsdp");
+  qlora::test::write_trainer_fixture(d.path);
+  const qlora::TrainConfig cfg = make_config(d.path, with(kRecipe, {"output_dir=" + (d.path / "out").string()}));
+  auto comms = qlora::make_in_process_collectives(3, std::chrono::seconds(60));
+  std::atomic<int> failed{0};
+  std::vector<std::string> messages(3);
+  std::vector<std::thread> threads;
+  const auto start = std::chrono::steady_clock::now();
+  for (int r = 0; r < 3; ++r)
+    threads.emplace_back([&, r] {
+      qlora::TrainerOptions o;
+      if (r == 1) o.throw_at_step = 3;
+      try {
+        qlora::run_training(cfg, o, comms[static_cast<size_t>(r)]);
+      } catch (const std::exception& e) {
+        messages[static_cast<size_t>(r)] = e.what();
+        ++failed;
+        comms[static_cast<size_t>(r)]->abort(e.what());
+      }
+    });
+  for (auto& t : threads) t.join();
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  CHECK(failed == 3);
+  CHECK_THAT(messages[1], Catch::Matchers::ContainsSubstring("test hook"));
+  CHECK_THAT(messages[0], Catch::Matchers::ContainsSubstring("abort"));
+  CHECK(seconds < 50);  // well before the collectives' 60 s timeout
+}
