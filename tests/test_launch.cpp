@@ -140,6 +140,23 @@ bool all_gone(const std::vector<pid_t>& pids, std::chrono::duration<double> limi
 
 pid_t read_pid(const fs::path& p) { return static_cast<pid_t>(std::atol(read_file(p).c_str())); }
 
+// At scope exit, SIGKILLs every worker shell or sleep whose pid a pid.* / child.* file in `dir`
+// names and that still runs: a failing check must not leave 10-minute sleepers behind.
+struct KillLeftovers {
+  fs::path dir;
+  ~KillLeftovers() {
+    std::error_code ec;
+    for (const auto& e : fs::directory_iterator(dir, ec)) {
+      const std::string name = e.path().filename().string();
+      if (name.rfind("pid.", 0) != 0 && name.rfind("child.", 0) != 0) continue;
+      const pid_t pid = read_pid(e.path());
+      const std::string cmd = read_file("/proc/" + std::to_string(pid) + "/cmdline");
+      if (process_alive(pid) && (cmd.rfind("sh", 0) == 0 || cmd.rfind("sleep", 0) == 0))
+        ::kill(pid, SIGKILL);
+    }
+  }
+};
+
 // Waits until every file exists (the workers are set up); false after `limit`.
 bool wait_files(const std::vector<fs::path>& files, std::chrono::duration<double> limit) {
   const auto end = Clock::now() + limit;
@@ -215,6 +232,7 @@ TEST_CASE("launch: a failing worker stops all the others", "[launch]") {
         "sleep 600 & echo $! > child.$RANK; wait";
     const auto t0 = Clock::now();
     Launcher l(d.path, with_sh({"--nproc-per-node", "3"}, script));
+    KillLeftovers cleanup{d.path};
     const int status = l.wait_for(std::chrono::seconds(20));
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
     CHECK(status == 3);
@@ -235,6 +253,7 @@ TEST_CASE("launch: a failing worker stops all the others", "[launch]") {
         "trap '' TERM; sleep 600 & echo $! > child.$RANK; wait";
     const auto t0 = Clock::now();
     Launcher l(d.path, with_sh({"--nproc-per-node", "2"}, script), {"QLORA_LAUNCH_GRACE_S=1"});
+    KillLeftovers cleanup{d.path};
     const int status = l.wait_for(std::chrono::seconds(20));
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
     CHECK(status == 128 + SIGKILL);
@@ -254,6 +273,7 @@ TEST_CASE("launch: SIGTERM and SIGINT to the launcher reach every worker", "[lau
     const std::string script = "trap 'echo " + name + " > got.$RANK; exit 0' " + name +
                                "; sleep 600 & echo $! > child.$RANK; echo $$ > pid.$RANK; wait";
     Launcher l(d.path, with_sh({"--nproc-per-node", "3"}, script));
+    KillLeftovers cleanup{d.path};
     std::vector<fs::path> ready;
     for (int r = 0; r < 3; ++r) ready.push_back(d / ("pid." + std::to_string(r)));
     REQUIRE(wait_files(ready, std::chrono::seconds(20)));
