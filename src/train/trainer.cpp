@@ -194,6 +194,7 @@ Trainer make_trainer(const TrainConfig& config, const TrainerOptions& options, s
       if (fraction > 1.0)
         throw UserError(cat("gpu_memory_limit: ", config.gpu_memory_limit, " GiB, but ", t.device.str(), " has ",
                             fixed(total / double(1 << 30), 1), " GiB"));
+      (void)at::empty({1}, at::TensorOptions().device(t.device));  // the allocator exists once used
       c10::cuda::CUDACachingAllocator::setMemoryFraction(fraction, t.device.index());
       log_info(cat("GPU memory capped at ", config.gpu_memory_limit, " GiB (", fixed(100 * fraction, 1), " % of ",
                    t.device.str(), ")"));
