@@ -303,6 +303,20 @@ TEST_CASE("qlora train under scripts/launch: 2 CPU processes equal 1; a failing 
   CHECK(fs::exists(d.path / "two" / "checkpoint-8" / "tensors-00001-of-00002.safetensors"));
   CHECK(max_adapter_diff(d.path / "one", d.path / "two") <= 1e-5);
 
+  // The same binary unchanged under torchrun --no-python (its elastic agent serves the store).
+  const fs::path torchrun = fs::path(QLORA_SOURCE_DIR) / ".venv" / "bin" / "torchrun";
+  if (fs::exists(torchrun)) {
+    const qlora::test::Run tr = run_shell(torchrun.string() + " --standalone --nproc-per-node 2 --no-python" + train +
+                                          "gradient_accumulation_steps=1 output_dir=" + (d.path / "torchrun").string());
+    CAPTURE(tr.output);
+    REQUIRE(tr.status == 0);
+    const qlora::LossCurve c = qlora::read_loss_curve(d.path / "torchrun" / "metrics.jsonl");
+    REQUIRE(c.train.size() == 8);
+    for (size_t i = 0; i < 8; ++i) CHECK(std::abs(a.train[i].second - c.train[i].second) <= 1e-5 * std::max(1.0, a.train[i].second));
+  } else {
+    WARN("no " << torchrun.string() << ": the torchrun check did not run");
+  }
+
   // Rank 1 throws before step 3: the launcher stops rank 0 (waiting in a collective) and fails.
   const auto start = std::chrono::steady_clock::now();
   const qlora::test::Run bad = run_shell("QLORA_TEST_THROW_AT=1:2 QLORA_LAUNCH_GRACE_S=5 " + launch + "2" + train +

@@ -337,8 +337,13 @@ TEST_CASE("launch: --rank-prefix prefixes each output line with its rank", "[lau
   Launcher l(d.path, with_sh({"--nproc-per-node", "2", "--rank-prefix"},
                              "echo \"hello $RANK\"; echo \"oops $RANK\" >&2"));
   CHECK(l.wait_for(std::chrono::seconds(30)) == 0);
-  // The prefixing runs in separate processes: give them a moment to flush after the exit.
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  // The prefixing runs in separate processes that may flush just after the launcher exits.
+  const auto end = Clock::now() + std::chrono::seconds(10);
+  while (Clock::now() < end && (l.out().find("[rank 1] hello 1") == std::string::npos ||
+                                l.out().find("[rank 0] hello 0") == std::string::npos ||
+                                l.err().find("[rank 0] oops 0") == std::string::npos ||
+                                l.err().find("[rank 1] oops 1") == std::string::npos))
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
   CHECK_THAT(l.out(), ContainsSubstring("[rank 0] hello 0") && ContainsSubstring("[rank 1] hello 1"));
   CHECK_THAT(l.err(), ContainsSubstring("[rank 0] oops 0") && ContainsSubstring("[rank 1] oops 1"));
 }

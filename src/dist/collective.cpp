@@ -3,6 +3,7 @@
 // and make_process_group_collective, which rendezvouses through a c10d TCPStore and picks the
 // NCCL engine (collective_nccl.cpp) or the TCPStore engine (collective_store.cpp).
 #include <c10/util/Exception.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <algorithm>
@@ -399,7 +400,12 @@ std::shared_ptr<Collective> make_process_group_collective(const DistEnv& env, co
   const std::string where = "MASTER_ADDR:MASTER_PORT=" + env.master_addr + ":" + std::to_string(env.master_port);
   c10d::TCPStoreOptions opts;
   opts.port = static_cast<uint16_t>(env.master_port);
-  opts.isServer = env.rank == 0;
+  // Under torchrun the elastic agent already serves a TCPStore at MASTER_ADDR:MASTER_PORT and says
+  // so with TORCHELASTIC_USE_AGENT_STORE=True: then every rank connects as a client (as torch's
+  // env:// rendezvous does). scripts/launch runs no store and sets it to False.
+  const char* agent_store = std::getenv("TORCHELASTIC_USE_AGENT_STORE");
+  const bool use_agent_store = agent_store != nullptr && std::string(agent_store) == "True";
+  opts.isServer = env.rank == 0 && !use_agent_store;
   opts.numWorkers = env.world_size;
   opts.waitWorkers = true;
   opts.timeout = timeout;
@@ -416,6 +422,10 @@ std::shared_ptr<Collective> make_process_group_collective(const DistEnv& env, co
     throw UserError("rendezvous at " + where + " failed within " + std::to_string(timeout.count() / 1000) +
                     " s (" + expected + "): " + why);
   }
+  // Our keys live under their own prefix, apart from the agent's, one namespace per restart attempt.
+  const char* restart = std::getenv("TORCHELASTIC_RESTART_COUNT");
+  store = c10::make_intrusive<c10d::PrefixStore>(
+      std::string("qlora/attempt_") + (restart != nullptr && *restart != '\0' ? restart : "0"), store);
 #ifdef QLORA_WITH_CUDA
   if (device.is_cuda()) return make_nccl_collective(store, env.rank, env.world_size, device, timeout);
 #endif
