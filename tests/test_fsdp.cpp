@@ -151,6 +151,56 @@ TEST_CASE("fsdp: shard then unshard gives back every layer tensor bit for bit, 1
   }
 }
 
+TEST_CASE("fsdp: each rank holds 1/world of the layer weights and LoRA state (a model of many NF4 groups)", "[dist][fsdp]") {
+  // hidden 256, intermediate 1024: every projection holds 4..16 double-quantization groups of
+  // 16,384 weights, so whole-group shards divide evenly at 2 and 4 ranks.
+  TempDir d("qlora_fsdp");
+  qlora::test::write_trainer_fixture(d.path);  // for the data; the model is replaced below
+  const int64_t H = 256, I = 1024, V = 100, L = 2;
+  const nlohmann::json cfg = {{"model_type", "llama"}, {"architectures", {"LlamaForCausalLM"}}, {"hidden_size", H},
+                              {"intermediate_size", I}, {"num_hidden_layers", L}, {"num_attention_heads", 4},
+                              {"num_key_value_heads", 4}, {"vocab_size", V}, {"rms_norm_eps", 1e-5},
+                              {"hidden_act", "silu"}, {"tie_word_embeddings", false}, {"torch_dtype", "float32"}};
+  qlora::test::write_file(d.path / "model" / "config.json", cfg.dump(2));
+  at::manual_seed(11);
+  qlora::NamedTensors ts = {{"model.embed_tokens.weight", at::randn({V, H})}, {"model.norm.weight", at::ones({H})},
+                            {"lm_head.weight", at::randn({V, H}) * 0.05}};
+  for (int64_t l = 0; l < L; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    for (const char* n : {"q_proj", "k_proj", "v_proj", "o_proj"})
+      ts.emplace_back(p + "self_attn." + n + ".weight", at::randn({H, H}) * 0.05);
+    ts.emplace_back(p + "mlp.gate_proj.weight", at::randn({I, H}) * 0.05);
+    ts.emplace_back(p + "mlp.up_proj.weight", at::randn({I, H}) * 0.05);
+    ts.emplace_back(p + "mlp.down_proj.weight", at::randn({H, I}) * 0.05);
+    ts.emplace_back(p + "input_layernorm.weight", at::ones({H}));
+    ts.emplace_back(p + "post_attention_layernorm.weight", at::ones({H}));
+  }
+  qlora::save_safetensors(d.path / "model" / "model.safetensors", ts);
+  qlora::TrainerOptions o;
+  o.write_outputs = false;
+  const qlora::TrainConfig config = make_config(d.path, {"adapter=qlora", "load_in_4bit=true", "lora_r=8"});
+  for (const int world : {2, 4}) {
+    const auto prints = run_ranks<qlora::FsdpFootprint>(world, [&](int, std::shared_ptr<qlora::Collective> comm) {
+      qlora::Trainer t = qlora::make_trainer(config, o, comm);
+      qlora::FsdpFootprint f = qlora::fsdp_footprint(*t.fsdp);
+      int64_t adam = 0;  // AdamW state elements this rank holds
+      for (const at::Tensor& m : t.optimizer.exp_avg) adam += m.numel();
+      f.lora_local_elems += adam;  // (reported together: masters + first moment; second moment is the same size)
+      return f;
+    });
+    for (int r = 0; r < world; ++r) {
+      const qlora::FsdpFootprint& f = prints[static_cast<size_t>(r)];
+      const double frozen = static_cast<double>(f.frozen_local_bytes) / static_cast<double>(f.frozen_total_bytes);
+      const double lora = static_cast<double>(f.lora_local_elems) / static_cast<double>(2 * f.lora_total_elems);
+      std::cout << "fsdp footprint, world " << world << ", rank " << r << ": layer weights " << f.frozen_local_bytes
+                << " of " << f.frozen_total_bytes << " bytes (" << frozen << "), LoRA masters + AdamW m "
+                << f.lora_local_elems << " of " << 2 * f.lora_total_elems << " elements (" << lora << ")\n";
+      CHECK(std::abs(frozen - 1.0 / world) <= 0.02);
+      CHECK(std::abs(lora - 1.0 / world) <= 0.02);
+    }
+  }
+}
+
 TEST_CASE("fsdp: 20 steps at 1, 2 and 4 ranks equal the plain run (losses and adapter, fp32)", "[dist][fsdp][train]") {
   TempDir d("qlora_fsdp");
   qlora::test::write_trainer_fixture(d.path);
