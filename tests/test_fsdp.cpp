@@ -235,6 +235,25 @@ TEST_CASE("fsdp: 20 steps at 1, 2 and 4 ranks equal the plain run (losses and ad
   CHECK(max_adapter_diff(d.path / "plain", out) <= 1e-5);
 }
 
+TEST_CASE("fsdp: fp16 gradients reduce-scattered in fp16 (scaled by 1/sqrt(world)) track the fp32 reduction", "[dist][fsdp][train]") {
+  TempDir d("qlora_fsdp");
+  qlora::test::write_trainer_fixture(d.path);
+  const std::vector<std::string> fp16 = with(kRecipe, {"fp16=true", "max_steps=10"});
+  const qlora::TrainRunResult f32 =
+      train(d.path, 2, with(fp16, {"output_dir=" + (d.path / "f32").string(), "fsdp_reduce_in_compute_dtype=false"}));
+  const qlora::TrainRunResult f16 =
+      train(d.path, 2, with(fp16, {"output_dir=" + (d.path / "f16").string(), "fsdp_reduce_in_compute_dtype=true"}));
+  double worst = 0;
+  for (size_t i = 0; i < f32.losses.size(); ++i) {
+    REQUIRE(std::isfinite(f16.losses[i]));
+    worst = std::max(worst, std::abs(f16.losses[i] - f32.losses[i]));
+  }
+  std::cout << "fsdp fp16 compute, 2 ranks: max |loss(fp16 reduce) - loss(fp32 reduce)| " << worst
+            << ", adapter " << max_adapter_diff(d.path / "f32", d.path / "f16") << "\n";
+  CHECK(worst <= 1e-2);
+  CHECK(max_adapter_diff(d.path / "f32", d.path / "f16") <= 1e-2);
+}
+
 TEST_CASE("fsdp: a checkpoint saved at 2 ranks resumes at 1 and at 4 ranks with the same next losses", "[dist][fsdp][train]") {
   TempDir d("qlora_fsdp");
   qlora::test::write_trainer_fixture(d.path);
