@@ -43,12 +43,14 @@ int run(int argc, char** argv) {
   add(add_pending_command(app, "eval", "evaluate loss/perplexity on a config's validation data", "CONFIG [key=value ...]"));
   add(add_pending_command(app, "generate", "generate text from a base model plus an adapter", "MODEL_DIR [ADAPTER_DIR] PROMPT"));
   add(add_pending_command(app, "merge", "merge a LoRA adapter into the base weights", "MODEL_DIR ADAPTER_DIR OUT_DIR"));
-  add(add_pending_command(app, "export", "export a model: --format gguf|safetensors|torchscript", "MODEL_DIR OUT"));
+  add(add_export_command(app));
   add(add_quantize_command(app));
   add(add_inspect_command(app));
   add(add_validate_command(app));
   add(add_preprocess_command(app));
   add(add_bench_command(app));
+  add(add_check_compile_command(app));
+  add(add_aoti_run_command(app));
 
   try {
     app.parse(argc, argv);

@@ -16,6 +16,9 @@ CommandFn add_bench_command(CLI::App& app);
 CommandFn add_quantize_command(CLI::App& app);
 CommandFn add_inspect_command(CLI::App& app);
 CommandFn add_preprocess_command(CLI::App& app);
+CommandFn add_export_command(CLI::App& app);          // cmd_export.cpp
+CommandFn add_check_compile_command(CLI::App& app);   // cmd_check_compile.cpp
+CommandFn add_aoti_run_command(CLI::App& app);        // cmd_aoti_run.cpp (hidden: a test tool)
 
 // qlora bench model (bench_model.cpp): adds MODEL_DIR and the model options to the bench
 // subcommand; the returned function runs it with bench's shared --dtype, --iters (0 when not

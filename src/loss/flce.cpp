@@ -19,11 +19,15 @@
 // multiplies by grad_output / denominator, a 0-dim device tensor, so the token count never has to
 // be read back to the host (no sync) and 16-bit dX holds O(1) values rather than tiny ones.
 #include <ATen/ATen.h>
+#include <ATen/TracerMode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 
 #include <algorithm>
 #include <string>
 
+#include "loss/flce_internal.h"
 #include "qlora/flce.h"
 
 #ifdef QLORA_WITH_CUDA
@@ -306,10 +310,30 @@ struct ChunkLossFunction : torch::autograd::Function<ChunkLossFunction> {
 
 bool wants_grad(const at::Tensor& t) { return at::GradMode::is_enabled() && t.requires_grad(); }
 
+// While torch::jit::tracer traces (the C++ exporter): one qlora::fused_linear_cross_entropy node
+// in the graph instead of the chunk loop's ATen calls (the op is registered by libqlora_ops). Not
+// below the tracer (the op's own kernels, run with tracer dispatch off, never come back here).
+bool tracing_here() { return torch::jit::tracer::isTracing() && at::tracer::impl::is_dispatch_enabled(); }
+
+at::Tensor flce_through_op(const at::Tensor& X, const at::Tensor& W, const at::Tensor& labels, const FlceOptions& o) {
+  using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, c10::string_view, double,
+                         double, double, double, int64_t);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("qlora::fused_linear_cross_entropy", "")
+                             .typed<Sig>();
+  const char* reduction = o.reduction == Reduction::mean ? "mean" : o.reduction == Reduction::sum ? "sum" : "none";
+  return op.call(X, W, labels, o.ignore_index, reduction, o.normalizer, o.logit_scale, o.softcap, o.z_loss,
+                 o.chunk_size);
+}
+
 }  // namespace
 
 at::Tensor fused_linear_cross_entropy_forward(const at::Tensor& X, const at::Tensor& W, const at::Tensor& labels,
                                               const FlceOptions& o) {
+  if (tracing_here()) {
+    at::NoGradGuard no_grad;  // the no-autograd variant: the op's backend kernel
+    return flce_through_op(X, W, labels, o);
+  }
   check_inputs("fused_linear_cross_entropy", X, W, labels);
   check_options(o);
   check_label_range("fused_linear_cross_entropy", labels, W.size(0), o.ignore_index);
@@ -318,8 +342,43 @@ at::Tensor fused_linear_cross_entropy_forward(const at::Tensor& X, const at::Ten
   return reduce(ce_pass(X, W, labels, o, {}, none), labels, o);
 }
 
+void flce_check_options(const FlceOptions& o) { check_options(o); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flce_loss_rows_and_grads(const at::Tensor& X, const at::Tensor& W,
+                                                                        const at::Tensor& labels, const FlceOptions& o,
+                                                                        bool need_dx, bool need_dw) {
+  check_inputs("fused_linear_cross_entropy", X, W, labels);
+  check_options(o);
+  check_label_range("fused_linear_cross_entropy", labels, W.size(0), o.ignore_index);
+  at::NoGradGuard no_grad;
+  Grads grads = make_grads(X, W, need_dx, need_dw);
+  at::Tensor loss_rows = ce_pass(X, W, labels, o, {}, grads);
+  return {loss_rows, grads.dx.defined() ? grads.dx : at::empty({0}, X.options()),
+          grads.dw.defined() ? grads.dw : at::empty({0}, W.options().dtype(at::kFloat))};
+}
+
+std::tuple<at::Tensor, at::Tensor> flce_loss_rows_backward(const at::Tensor& grad_rows, const at::Tensor& X,
+                                                           const at::Tensor& W, const at::Tensor& labels,
+                                                           const FlceOptions& o, bool need_dx, bool need_dw) {
+  check_inputs("fused_linear_cross_entropy", X, W, labels);
+  check_options(o);
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == X.size(0) && grad_rows.device() == X.device(),
+              "fused_linear_cross_entropy: grad_rows must be [", X.size(0), "] on ", X.device(), ", found ",
+              grad_rows.sizes(), " on ", grad_rows.device());
+  at::NoGradGuard no_grad;
+  // As FlceFunction's backward for reduction "none" (the same ce_pass, row-weighted).
+  FlceOptions so = o;
+  so.reduction = Reduction::sum;
+  so.normalizer = 0;
+  Grads grads = make_grads(X, W, need_dx, need_dw);
+  ce_pass(X, W, labels, so, grad_rows.to(at::kFloat).contiguous(), grads);
+  return {grads.dx.defined() ? grads.dx : at::empty({0}, X.options()),
+          grads.dw.defined() ? grads.dw.to(W.scalar_type()) : at::empty({0}, W.options())};
+}
+
 at::Tensor fused_linear_cross_entropy(const at::Tensor& X, const at::Tensor& W, const at::Tensor& labels,
                                       const FlceOptions& o) {
+  if (tracing_here()) return flce_through_op(X, W, labels, o);
   const bool need_dx = wants_grad(X), need_dw = wants_grad(W);
   if (!need_dx && !need_dw) return fused_linear_cross_entropy_forward(X, W, labels, o);
   check_inputs("fused_linear_cross_entropy", X, W, labels);

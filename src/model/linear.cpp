@@ -5,12 +5,14 @@
 // backward pass runs, so the backward dequantizes the weight again instead of keeping it.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 
 #include <algorithm>
 #include <string>
 
 #include "model/internal.h"
 #include "qlora/error.h"
+#include "qlora/lora.h"
 #include "qlora/model.h"
 
 namespace qlora {
@@ -87,6 +89,9 @@ struct NF4LinearFunction : public torch::autograd::Function<NF4LinearFunction> {
 at::Tensor linear_forward(const at::Tensor& x, const LinearWeight& w, DequantScratch& scratch) {
   TORCH_CHECK(x.size(-1) == w.in_features, "linear_forward: input has ", x.size(-1), " features, the weight expects ",
               w.in_features);
+  // While the C++ tracer records (qlora export / check-compile), lora_linear_forward routes an NF4
+  // weight through the registered op qlora::nf4_lora_linear, so the trace holds one op node.
+  if (w.nf4 && torch::jit::tracer::isTracing()) return lora_linear_forward(x, w, nullptr, scratch, false);
   if (w.nf4) return NF4LinearFunction::apply(x, &w, &scratch);
   TORCH_CHECK(w.dense.defined(), "linear_forward: the weight holds neither NF4 nor dense data");
   return at::linear(x, w.dense, w.bias.defined() ? std::optional<at::Tensor>(w.bias) : std::nullopt);

@@ -14,7 +14,10 @@
 // result = result + lora_B(lora_A(dropout(x))) * scaling.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/TracerMode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 
 #include <cmath>
 #include <cstdint>
@@ -236,12 +239,37 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
   }
 };
 
+// While torch::jit::tracer traces (the C++ exporter): the projection as one qlora::nf4_lora_linear
+// node (the op registered by libqlora_ops, same numbers) instead of our autograd function's ATen
+// calls. The NF4 pieces go in as nf4_quantize returns them: absmax2, code2 and offset empty when
+// not nested, else offset a 0-dim fp32 tensor on the weight's device. Taken only above the tracer
+// (never from inside an op's kernels, which run with tracer dispatch off).
+at::Tensor nf4_lora_linear_through_op(const at::Tensor& x, const LinearWeight& base, const LoraLinear* lora) {
+  using OptTensor = std::optional<at::Tensor>;
+  using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, const at::Tensor&, int64_t, c10::SymIntArrayRef, const OptTensor&,
+                         const OptTensor&, const OptTensor&, double);
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("qlora::nf4_lora_linear", "").typed<Sig>();
+  const NF4Tensor& w = *base.nf4;
+  const auto f32 = w.packed.options().dtype(at::kFloat);
+  const at::Tensor none = at::empty({0}, f32);
+  const at::Tensor offset = w.nested ? at::full({}, static_cast<float>(w.offset), f32) : none;
+  const std::vector<c10::SymInt> shape = c10::fromIntArrayRefSlow(w.shape).vec();
+  return op.call(x, w.packed, w.absmax, w.nested ? w.absmax2 : none, w.nested ? w.code2 : none, offset, w.blocksize,
+                 shape, bias_of(base), lora ? OptTensor(lora->A) : std::nullopt,
+                 lora ? OptTensor(lora->B) : std::nullopt, lora ? lora->scale : 1.0);
+}
+
 }  // namespace
 
 at::Tensor lora_linear_forward(const at::Tensor& x, const LinearWeight& base, const LoraLinear* lora,
                                DequantScratch& scratch, bool training) {
   TORCH_CHECK(x.size(-1) == base.in_features, "lora_linear_forward: input has ", x.size(-1),
               " features, the weight expects ", base.in_features);
+  if (torch::jit::tracer::isTracing() && at::tracer::impl::is_dispatch_enabled() && base.nf4 &&
+      (lora == nullptr || !training || lora->dropout == 0.0))
+    return nf4_lora_linear_through_op(x, base, lora);
   if (lora == nullptr) {
     if (!base.nf4) return linear_forward(x, base, scratch);
     return BaseLinearFunction::apply(x, &base, &scratch);

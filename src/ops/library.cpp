@@ -17,4 +17,22 @@ TORCH_LIBRARY(qlora, m) {
   m.def("fused_linear_cross_entropy(Tensor x, Tensor w, Tensor labels, int ignore_index=-100, "
         "str reduction=\"mean\", float normalizer=0., float logit_scale=1., float softcap=0., float z_loss=0., "
         "int chunk_size=0) -> Tensor");
+  // The pieces of fused_linear_cross_entropy's Autograd kernel, so that its forward and backward
+  // are dispatcher calls that AOTAutograd / torch.compile can trace (not differentiable
+  // themselves). _fwd: per-token losses [N] fp32 and, when asked, the gradients of their SUM, dx
+  // [N,H] in x's dtype and dw [V,H] fp32 ([0] when not asked). _bwd (reduction "none"): dx and dw
+  // (w's dtype) of sum(grad_rows * loss_rows), recomputing the logits; [0] when not asked.
+  m.def("_fused_linear_cross_entropy_fwd(Tensor x, Tensor w, Tensor labels, int ignore_index, float logit_scale, "
+        "float softcap, float z_loss, int chunk_size, bool need_dx, bool need_dw) -> "
+        "(Tensor loss_rows, Tensor dx, Tensor dw)");
+  m.def("_fused_linear_cross_entropy_bwd(Tensor grad_rows, Tensor x, Tensor w, Tensor labels, int ignore_index, "
+        "float logit_scale, float softcap, float z_loss, int chunk_size, bool need_dx, bool need_dw) -> "
+        "(Tensor dx, Tensor dw)");
+  // The NF4 LoRA linear: y = x deq(W)^T (+ bias) + scale (x A^T) B^T for x [..., in]; W = [out, in]
+  // = shape from the NF4 pieces of nf4_dequantize, dequantized to x's dtype; A [r, in] and B [out, r]
+  // cast to x's dtype for the GEMMs. Output [..., out] in x's dtype. Differentiable in x, lora_a and
+  // lora_b (their gradients in their own dtype); the NF4 pieces and the bias are frozen. No dropout.
+  m.def("nf4_lora_linear(Tensor x, Tensor packed, Tensor absmax, Tensor absmax2, Tensor code2, Tensor offset, "
+        "int blocksize, SymInt[] shape, Tensor? bias=None, Tensor? lora_a=None, Tensor? lora_b=None, "
+        "float scale=1.0) -> Tensor");
 }

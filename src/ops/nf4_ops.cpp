@@ -1,6 +1,8 @@
 // Kernels of qlora::nf4_quantize and qlora::nf4_dequantize(.out) (schemas in library.cpp): CPU and
 // CUDA both go through the C++ API of include/qlora/nf4.h, which dispatches on the device; Meta
-// computes output shapes only. Not differentiable (NF4 weights are frozen): no Autograd kernel.
+// computes output shapes only. Not differentiable (NF4 weights are frozen): the Autograd key is a
+// fallthrough, so that quantizing a weight that requires grad (an nn.Parameter) gives outputs that
+// do not, rather than autograd's not-implemented fallback, whose float outputs claim a gradient.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -126,4 +128,10 @@ TORCH_LIBRARY_IMPL(qlora, Meta, m) {
   m.impl("nf4_quantize", &qlora::nf4_quantize_meta);
   m.impl("nf4_dequantize", &qlora::nf4_dequantize_meta);
   m.impl("nf4_dequantize.out", &qlora::nf4_dequantize_out_meta);
+}
+
+TORCH_LIBRARY_IMPL(qlora, Autograd, m) {
+  m.impl("nf4_quantize", torch::CppFunction::makeFallthrough());
+  m.impl("nf4_dequantize", torch::CppFunction::makeFallthrough());
+  m.impl("nf4_dequantize.out", torch::CppFunction::makeFallthrough());
 }
