@@ -70,7 +70,6 @@ CommandFn add_export_command(CLI::App& app) {
   auto* sub = app.add_subcommand("export", "export a model: --format torchscript (gguf, safetensors: not implemented yet)");
   sub->add_option("--format", st->format, "torchscript (gguf, safetensors: issue 10, not implemented yet)");
   sub->add_option("model", st->model_dir, "HF checkpoint directory (16-bit or bnb-4bit) or a .gguf file");
-  sub->add_option("out", st->out, "output file, e.g. model.pt (or --out)");
   sub->add_option("--adapter", st->adapter, "PEFT LoRA adapter directory to apply (kept as LoRA, not merged)");
   sub->add_option("--out", st->out, "output file, e.g. model.pt");
   sub->add_option("--seq", st->seq, "sequence length the module is traced for: input_ids [1, N]")->capture_default_str();
