@@ -98,6 +98,16 @@ at::Tensor gguf_llama_tensor(const GgufFile& gguf, const HFConfig& config, const
 // divides the default inverse frequencies, as llama.cpp applies it.
 LlamaWeights load_llama_gguf(const std::filesystem::path& path, const ModelLoadOptions& options);
 
+// ---- random models of a named shape (src/model/random_llama.cpp; qlora bench train) ----
+// The shapes: llama-3.2-1b, llama-3.2-3b, llama-3-8b, llama-3.1-8b, llama-3-70b, tiny.
+std::vector<std::string> model_shape_names();
+// The config.json of that shape (llama, llama3 rope); UserError naming the known shapes otherwise.
+HFConfig model_shape_config(const std::string& shape);
+// A model of `config` with random weights (normal(0, 0.02) matrices, unit norms), made on
+// options.device in the compute dtype and quantized as load_llama quantizes (load_in_4bit).
+// Deterministic per seed on a given device.
+LlamaWeights random_llama(const HFConfig& config, const ModelLoadOptions& options, uint64_t seed);
+
 // Reusable buffer for dequantized NF4 weights: grows to the largest weight seen, then every call
 // reuses it (no allocation per call). One per device; not shared between threads.
 struct DequantScratch {

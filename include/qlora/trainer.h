@@ -96,8 +96,15 @@ Tokenizer load_train_tokenizer(const TrainConfig& config, int64_t model_vocab_si
 // Everything before the first step (see the header comment). Logs what it set up. `comm`: the
 // rank's collective (the layers and LoRA are sharded over it, even at world size 1); nullptr: a
 // plain single-process run.
+// inputs: what make_trainer would otherwise load -- a model built in memory (random_llama, on the
+// config's device and compute dtype) and/or data made in memory (qlora bench train); unset parts are
+// loaded from config.base_model and config.datasets.
+struct TrainerInputs {
+  std::optional<LlamaWeights> model;
+  std::optional<PreparedData> data;
+};
 Trainer make_trainer(const TrainConfig& config, const TrainerOptions& options = {},
-                     std::shared_ptr<Collective> comm = nullptr);
+                     std::shared_ptr<Collective> comm = nullptr, TrainerInputs inputs = {});
 
 // The next micro-batch index lists of the stream (advances trainer.position across epochs).
 std::vector<int64_t> next_micro_batch(Trainer& trainer);

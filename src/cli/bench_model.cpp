@@ -41,11 +41,7 @@ using nlohmann::json;
 
 struct ModelBenchOptions {
   std::string model_dir;
-  int64_t seq = 2048;
-  int64_t batch = 1;
-  bool no_4bit = false;
-  std::string device = "cuda";
-  uint64_t seed = 0;
+  std::shared_ptr<BenchRunOptions> run;  // --seq, --batch, --no-4bit, --device, --seed
 };
 
 double median(std::vector<double> v) {
@@ -153,8 +149,9 @@ double forward_flops(const HFConfig& c, int64_t batch, int64_t seq, int64_t line
   return gemm + attn;
 }
 
-int run_bench_model(const ModelBenchOptions& o, const std::string& dtype_name, int iters_given, const std::string& json_path) {
-  if (o.model_dir.empty())
+int run_bench_model(const ModelBenchOptions& mo, const std::string& dtype_name, int iters_given, const std::string& json_path) {
+  const BenchRunOptions& o = *mo.run;
+  if (mo.model_dir.empty())
     throw UserError("qlora bench model: MODEL_DIR is required (qlora bench model MODEL_DIR [--seq N] [--batch N] ...)");
   if (o.seq < 1 || o.batch < 1)
     throw UserError("qlora bench model: --seq and --batch must be >= 1, found " + std::to_string(o.seq) + " and " + std::to_string(o.batch));
@@ -187,7 +184,7 @@ int run_bench_model(const ModelBenchOptions& o, const std::string& dtype_name, i
   if (dev.cuda) lo.device = at::Device(at::kCUDA, c10::cuda::current_device());
 #endif
   const char* dtype_label = dtype == at::kBFloat16 ? "bf16" : dtype == at::kHalf ? "fp16" : "fp32";
-  std::printf("qlora bench model %s on %s: %s linears, compute %s, batch %lld x seq %lld, iters %d\n", o.model_dir.c_str(),
+  std::printf("qlora bench model %s on %s: %s linears, compute %s, batch %lld x seq %lld, iters %d\n", mo.model_dir.c_str(),
               dev.name.c_str(), o.no_4bit ? "16-bit" : "NF4", dtype_label, static_cast<long long>(o.batch),
               static_cast<long long>(o.seq), iters);
   std::fflush(stdout);
@@ -196,7 +193,7 @@ int run_bench_model(const ModelBenchOptions& o, const std::string& dtype_name, i
   dev.reset_peak();
   const MemStats before = dev.mem();
   const auto t0 = std::chrono::steady_clock::now();
-  const LlamaWeights model = load_llama(o.model_dir, lo);
+  const LlamaWeights model = load_llama(mo.model_dir, lo);
   dev.sync();
   const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const MemStats loaded = dev.mem();
@@ -274,7 +271,7 @@ int run_bench_model(const ModelBenchOptions& o, const std::string& dtype_name, i
 
   if (!json_path.empty()) {
     json j = {{"bench", "model"},
-              {"model_dir", o.model_dir},
+              {"model_dir", mo.model_dir},
               {"device", dev.name},
               {"load_in_4bit", !o.no_4bit},
               {"compute_dtype", dtype_label},
@@ -317,16 +314,18 @@ int run_bench_model(const ModelBenchOptions& o, const std::string& dtype_name, i
 
 }  // namespace
 
-BenchModelFn add_bench_model_options(CLI::App& bench) {
+BenchModelFn add_bench_model_options(CLI::App& bench, std::shared_ptr<BenchRunOptions> run) {
   auto st = std::make_shared<ModelBenchOptions>();
+  st->run = run;
   bench.add_option("model_dir", st->model_dir, "model: the Hugging Face model folder (config.json + safetensors)");
-  bench.add_option("--seq", st->seq, "model: tokens per sequence")->capture_default_str();
-  bench.add_option("--batch", st->batch, "model: sequences per forward")->capture_default_str();
-  bench.add_flag("--no-4bit", st->no_4bit, "model: keep the linear weights 16-bit (default: NF4, quantized at load)");
-  bench.add_option("--device", st->device, "model: cuda, or cpu for tiny models")
+  bench.add_option("--seq", run->seq, "model, train: tokens per sequence")->capture_default_str();
+  bench.add_option("--batch", run->batch, "model, train: sequences per forward (train: per step)")->capture_default_str();
+  bench.add_flag("--no-4bit", run->no_4bit, "model, train: keep the linear weights 16-bit (default: NF4)");
+  bench.add_option("--device", run->device, "model, train: cuda, or cpu for tiny models")
       ->check(CLI::IsMember({"cuda", "cpu"}))
       ->capture_default_str();
-  bench.add_option("--seed", st->seed, "model: seed of the random token ids")->capture_default_str();
+  bench.add_option("--seed", run->seed, "model, train: seed of the random token ids (train: and weights)")
+      ->capture_default_str();
   return [st](const std::string& dtype, int iters, const std::string& json_path) {
     return run_bench_model(*st, dtype, iters, json_path);
   };

@@ -1,6 +1,6 @@
 // qlora bench OP: time a kernel next to the plain-libtorch way of doing the same thing, in the
 // same process, on the current CUDA device. Ops: nf4 (the single-pass NF4 dequant); model (the
-// decoder end to end: src/cli/bench_model.cpp); flce (fused linear cross-entropy: bench_flce.cpp);
+// decoder end to end: src/cli/bench_model.cpp); train (QLoRA training steps: bench_train.cpp); flce (fused linear cross-entropy: bench_flce.cpp);
 // tokenizer (encode throughput on the CPU: bench_tokenizer.cpp).
 //
 // Method (why): every figure is a median over --iters samples; each sample is one pass over
@@ -280,25 +280,31 @@ CommandFn add_bench_command(CLI::App& app) {
                                           "qlora bench nf4 [--dtype bf16|fp16|all] [--iters N] [--json FILE]; "
                                           "the decoder: qlora bench model MODEL_DIR [--seq 2048] [--batch 1] "
                                           "[--dtype bf16] [--iters 5] [--no-4bit] [--device cuda|cpu] [--json FILE]; "
+                                          "training: qlora bench train --shape llama-3.2-1b|llama-3-8b|... [--seq 2048] "
+                                          "[--batch 1] [--rank 16] [--steps 10] [--warmup 3] [--json FILE]; "
                                           "fused linear cross-entropy: qlora bench flce [--iters 5] [--cases all|small] "
                                           "[--json FILE]; tokenizer encode throughput: qlora bench tokenizer [--tokenizer PATH] "
                                           "[--threads N] [--text FILE] [--iters 3] [--json FILE]");
   sub->add_option("op", st->op, "what to measure: nf4 (NF4 dequantize), model (load + forward, bench_model.cpp), "
+                                 "train (QLoRA training steps on a random model of a named shape, bench_train.cpp), "
                                  "flce (fused linear cross-entropy, bench_flce.cpp), tokenizer (encode MB/s, "
                                  "bench_tokenizer.cpp)")
       ->required()
-      ->check(CLI::IsMember({"nf4", "model", "flce", "tokenizer"}));
+      ->check(CLI::IsMember({"nf4", "model", "train", "flce", "tokenizer"}));
   sub->add_option("--dtype", st->dtype, "output dtype(s); model: the compute dtype (all = bf16)")
       ->check(CLI::IsMember({"bf16", "fp16", "fp32", "all"}))
       ->capture_default_str();
   auto* iters = sub->add_option("--iters", st->iters, "timed samples per measurement (median); model, flce: default 5");
   iters->capture_default_str();
   sub->add_option("--json", st->json_path, "also write the results to this JSON file");
-  BenchModelFn bench_model = add_bench_model_options(*sub);
+  auto run = std::make_shared<BenchRunOptions>();
+  BenchModelFn bench_model = add_bench_model_options(*sub, run);
+  BenchTrainFn bench_train = add_bench_train_options(*sub, run);
   BenchFlceFn bench_flce = add_bench_flce_options(*sub);
   BenchTokenizerFn bench_tokenizer = add_bench_tokenizer_options(*sub);
-  return [st, iters, bench_model, bench_flce, bench_tokenizer] {
+  return [st, iters, bench_model, bench_train, bench_flce, bench_tokenizer] {
     if (st->op == "model") return bench_model(st->dtype, iters->count() > 0 ? st->iters : 0, st->json_path);
+    if (st->op == "train") return bench_train(st->dtype, st->json_path);
     if (st->op == "flce") return bench_flce(iters->count() > 0 ? st->iters : 0, st->json_path);
     if (st->op == "tokenizer") return bench_tokenizer(iters->count() > 0 ? st->iters : 0, st->json_path);
     if (st->dtype == "fp32") throw UserError("qlora bench nf4: --dtype must be bf16, fp16 or all (fp32 is for bench model)");

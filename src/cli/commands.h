@@ -20,11 +20,26 @@ CommandFn add_export_command(CLI::App& app);          // cmd_export.cpp
 CommandFn add_check_compile_command(CLI::App& app);   // cmd_check_compile.cpp
 CommandFn add_aoti_run_command(CLI::App& app);        // cmd_aoti_run.cpp (hidden: a test tool)
 
-// qlora bench model (bench_model.cpp): adds MODEL_DIR and the model options to the bench
+// The options qlora bench model and qlora bench train share (--seq, --batch, --no-4bit, --device,
+// --seed), added to the bench subcommand once by add_bench_model_options.
+struct BenchRunOptions {
+  int64_t seq = 2048;
+  int64_t batch = 1;
+  bool no_4bit = false;
+  std::string device = "cuda";
+  uint64_t seed = 0;
+};
+
+// qlora bench model (bench_model.cpp): adds MODEL_DIR and the options of `run` to the bench
 // subcommand; the returned function runs it with bench's shared --dtype, --iters (0 when not
 // given) and --json values.
 using BenchModelFn = std::function<int(const std::string& dtype, int iters, const std::string& json_path)>;
-BenchModelFn add_bench_model_options(CLI::App& bench);
+BenchModelFn add_bench_model_options(CLI::App& bench, std::shared_ptr<BenchRunOptions> run);
+
+// qlora bench train (bench_train.cpp): adds --shape, --rank, --steps, --warmup, --peak-tflops and
+// --no-profile; the returned function runs it with `run` and bench's --dtype and --json values.
+using BenchTrainFn = std::function<int(const std::string& dtype, const std::string& json_path)>;
+BenchTrainFn add_bench_train_options(CLI::App& bench, std::shared_ptr<const BenchRunOptions> run);
 
 // qlora bench flce (bench_flce.cpp): adds --cases; the returned function runs it with bench's
 // --iters (0 when not given) and --json values.

@@ -180,7 +180,8 @@ Tokenizer load_train_tokenizer(const TrainConfig& config, int64_t model_vocab_si
   return tok;
 }
 
-Trainer make_trainer(const TrainConfig& config, const TrainerOptions& options, std::shared_ptr<Collective> comm) {
+Trainer make_trainer(const TrainConfig& config, const TrainerOptions& options, std::shared_ptr<Collective> comm,
+                     TrainerInputs inputs) {
   Trainer t;
   t.config = config;
   t.options = options;
@@ -212,22 +213,35 @@ Trainer make_trainer(const TrainConfig& config, const TrainerOptions& options, s
   mo.compute_dtype = t.compute_dtype;
   mo.device = t.device;
   const auto t0 = std::chrono::steady_clock::now();
-  t.model = load_llama(config.base_model, mo);
-  log_info(cat("model ", config.base_model, ": ", t.model.layers.size(), " layers, hidden ", t.model.config.hidden_size,
-               ", vocab ", t.model.config.vocab_size, ", ", mo.load_in_4bit ? "NF4" : "16-bit", " base, compute ",
-               dtype_name(t.compute_dtype), " on ", t.device.str(), " (",
-               fixed(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1), " s)"));
+  const bool given_model = inputs.model.has_value();
+  if (given_model) {
+    if (inputs.model->device != t.device || inputs.model->compute_dtype != t.compute_dtype)
+      throw std::invalid_argument("make_trainer: the given model is not on the config's device and compute dtype");
+    t.model = std::move(*inputs.model);
+  } else {
+    t.model = load_llama(config.base_model, mo);
+  }
+  log_info(cat("model ", given_model ? std::string("(built in memory)") : config.base_model, ": ", t.model.layers.size(),
+               " layers, hidden ", t.model.config.hidden_size, ", vocab ", t.model.config.vocab_size, ", ",
+               t.model.layers.front().q_proj.nf4 ? "NF4" : "16-bit", " base, compute ", dtype_name(t.compute_dtype),
+               " on ", t.device.str(), " (", fixed(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1),
+               " s)"));
 
-  const Tokenizer tokenizer = load_train_tokenizer(config, t.model.config.vocab_size);
-  // Rank 0 prepares (and caches) the data first; the others then read its cache.
-  if (sharded && t.rank() != 0) t.comm->barrier();
-  t.data = prepare_data(config, tokenizer, prepared_data_dir(config));
-  if (sharded && t.rank() == 0) t.comm->barrier();
+  t.batching.pad_id = 0;
+  if (inputs.data) {
+    t.data = std::move(*inputs.data);
+  } else {
+    const Tokenizer tokenizer = load_train_tokenizer(config, t.model.config.vocab_size);
+    // Rank 0 prepares (and caches) the data first; the others then read its cache.
+    if (sharded && t.rank() != 0) t.comm->barrier();
+    t.data = prepare_data(config, tokenizer, prepared_data_dir(config));
+    if (sharded && t.rank() == 0) t.comm->barrier();
+    t.batching.pad_id = tokenizer.pad_id() >= 0 ? tokenizer.pad_id() : (tokenizer.eos_id() >= 0 ? tokenizer.eos_id() : 0);
+  }
   if (t.data.train.empty()) throw UserError("no training examples left after preparing the datasets");
   t.batching.sequence_len = config.sequence_len;
   t.batching.micro_batch_size = config.micro_batch_size;
   t.batching.sample_packing = config.sample_packing;
-  t.batching.pad_id = tokenizer.pad_id() >= 0 ? tokenizer.pad_id() : (tokenizer.eos_id() >= 0 ? tokenizer.eos_id() : 0);
   t.batching.seed = static_cast<uint64_t>(config.seed);
   t.plan = plan_micro_batches(t.data.train, t.batching);
   t.plan_epoch = 0;

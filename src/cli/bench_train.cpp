@@ -1,0 +1,322 @@
+// qlora bench train --shape NAME: QLoRA training steps timed end to end on a random model of a named
+// shape (random_llama: built in memory on the device, nothing downloaded or written), through the
+// real trainer (make_trainer + train_step: checkpointed layer loop, fused loss, AdamW). Prints
+// tokens/s, MFU with its formula, peak memory and, on CUDA, a time split of one profiled step by
+// kernel kind (dequant, GEMMs, attention, loss, optimizer, communication, other kernels, GPU idle).
+//
+// Method (why): --warmup steps first (cuBLAS heuristics, the dequant scratch and the allocator reach
+// their steady state), then the peak-memory counter is reset and --steps steps are timed as one
+// wall-clock interval ending in a device sync (a step already syncs once for its loss value, so the
+// host cannot run ahead by more than a step). Peak memory is the caching allocator's peak over the
+// timed steps (what torch.cuda.max_memory_allocated reports, so it compares with bench_hf.py).
+// The time split comes from one more step under the Kineto profiler (CUDA kernel activity): each
+// kernel's device time is summed into a kind chosen by its name; "GPU idle" is the step's wall time
+// minus the summed kernel time (host work the GPU waited for; negative when kernels overlapped on
+// the prefetch stream). The profiled step is not part of the timed figure.
+//
+// MFU = tokens/s x FLOPs per token / peak, with FLOPs per token = 4 N_base + 6 N_lora + 12 L s d
+// (N_base: the frozen matmul parameters, lm_head included, forward + input-gradient GEMMs;
+// N_lora: LoRA parameters, forward + both gradients; 12 L s d: attention scores and values, forward
+// and backward, s the sequence length and d = heads x head_dim). The recompute of checkpointed
+// layers is not counted (it is overhead, not useful work), as in the PaLM paper's MFU.
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cctype>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "cli/commands.h"
+#include "qlora/error.h"
+#include "qlora/log.h"
+#include "qlora/lora.h"
+#include "qlora/model.h"
+#include "qlora/trainer.h"
+
+#ifdef QLORA_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <cuda_runtime.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
+#endif
+
+namespace qlora::cli {
+namespace {
+
+using nlohmann::json;
+
+struct TrainBenchOptions {
+  std::string shape;
+  int rank = 16;
+  int steps = 10;
+  int warmup = 3;
+  double peak_tflops = 0;  // 0: from the device name (peak_tflops_for)
+  bool no_profile = false;
+  std::shared_ptr<const BenchRunOptions> run;
+};
+
+// Dense peak of the compute dtype, TFLOP/s, from NVIDIA's data sheets (no sparsity): H100/H200 SXM
+// bf16/fp16 989.4; A100 312; L4 121; A10 125; T4 fp16 65. 0 when the device is not known.
+double peak_tflops_for(const std::string& device_name) {
+  const std::vector<std::pair<std::string, double>> table = {
+      {"H100", 989.4}, {"H200", 989.4}, {"A100", 312.0}, {"L4", 121.0}, {"A10", 125.0}, {"T4", 65.0}};
+  for (const auto& [key, tflops] : table)
+    if (device_name.find(key) != std::string::npos) return tflops;
+  return 0.0;
+}
+
+struct FlopsPerToken {
+  int64_t n_base = 0;  // frozen matmul parameters (7 projections x layers + lm_head)
+  int64_t n_lora = 0;
+  double attention = 0;  // 12 L s d
+  double total() const { return 4.0 * static_cast<double>(n_base) + 6.0 * static_cast<double>(n_lora) + attention; }
+};
+
+FlopsPerToken flops_per_token(const LlamaWeights& model, const LoraModel& lora, int64_t seq) {
+  FlopsPerToken f;
+  for (const DecoderLayerWeights& l : model.layers)
+    for (const std::string& p : lora_projection_names()) {
+      const LinearWeight& w = base_projection(l, p);
+      f.n_base += w.out_features * w.in_features;
+    }
+  f.n_base += model.config.vocab_size * model.config.hidden_size;  // lm_head (tied or not, it is a GEMM)
+  f.n_lora = lora_parameter_count(lora);
+  const double d = static_cast<double>(model.config.num_attention_heads * model.config.head_dim);
+  f.attention = 12.0 * static_cast<double>(model.config.num_hidden_layers) * static_cast<double>(seq) * d;
+  return f;
+}
+
+// The kind of a CUDA kernel, from its name (cuBLAS on Hopper names its kernels nvjet_*, older
+// ones *gemm*; SDPA's kernels are flash / fmha / efficient attention; AdamW and clipping run
+// _foreach ops, whose kernels are multi_tensor_apply_kernel).
+std::string kernel_kind(const std::string& name) {
+  std::string n = name;
+  std::transform(n.begin(), n.end(), n.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  auto has = [&](const char* s) { return n.find(s) != std::string::npos; };
+  if (has("nf4")) return "dequant";
+  if (has("gemm") || has("nvjet") || has("cutlass") || has("xmma") || has("gemv")) return "gemm";
+  if (has("flash") || has("fmha") || has("attention") || has("attn")) return "attention";
+  if (has("cross_entropy")) return "loss";
+  if (has("multi_tensor_apply")) return "optimizer";
+  if (has("nccl")) return "communication";
+  return "other kernels";
+}
+
+std::string fixed(double v, int digits) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.*f", digits, v);
+  return buf;
+}
+
+#ifdef QLORA_WITH_CUDA
+// Device time per kernel kind (ms) over one call of fn, from the Kineto profiler; "GPU idle" and
+// "wall" (ms) added.
+std::map<std::string, double> profile_step(const std::function<void()>& fn) {
+  namespace prof = torch::autograd::profiler;
+  using torch::profiler::impl::ActivityType;
+  const torch::profiler::impl::ProfilerConfig cfg(torch::profiler::impl::ProfilerState::KINETO);
+  const std::set<ActivityType> acts = {ActivityType::CPU, ActivityType::CUDA};
+  prof::prepareProfiler(cfg, acts);
+  prof::enableProfiler(cfg, acts);
+  c10::cuda::device_synchronize();
+  const auto t0 = std::chrono::steady_clock::now();
+  fn();
+  c10::cuda::device_synchronize();
+  const double wall = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  const std::unique_ptr<prof::ProfilerResult> result = prof::disableProfiler();
+  std::map<std::string, double> ms;
+  double kernels = 0;
+  for (const auto& e : result->events()) {
+    // Kernels only: memcpy / memset activities are counted under "other kernels" by their names,
+    // CPU-side events (deviceType CPU) are skipped.
+    if (e.deviceType() != c10::DeviceType::CUDA) continue;
+    const double t = static_cast<double>(e.durationNs()) / 1e6;
+    ms[kernel_kind(e.name())] += t;
+    kernels += t;
+  }
+  ms["GPU idle"] = wall - kernels;
+  ms["wall"] = wall;
+  return ms;
+}
+#endif
+
+int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, const std::string& json_path) {
+  const BenchRunOptions& r = *o.run;
+  if (o.shape.empty())
+    throw UserError("qlora bench train: --shape is required (one of: " + [] {
+      std::string s;
+      for (const std::string& n : model_shape_names()) s += (s.empty() ? "" : ", ") + n;
+      return s;
+    }() + ")");
+  if (r.seq < 2 || r.batch < 1) throw UserError("qlora bench train: --seq must be >= 2 and --batch >= 1");
+  if (o.rank < 1) throw UserError("qlora bench train: --rank must be >= 1, found " + std::to_string(o.rank));
+  if (o.steps < 1 || o.warmup < 0)
+    throw UserError("qlora bench train: --steps must be >= 1 and --warmup >= 0");
+  const HFConfig shape = model_shape_config(o.shape);
+
+  TrainConfig config;
+  config.base_model = "random:" + o.shape;  // never read: the model is built in memory
+  config.adapter = AdapterType::qlora;
+  config.load_in_4bit = !r.no_4bit;
+  config.lora_r = o.rank;
+  config.lora_alpha = 2.0 * o.rank;
+  config.lora_dropout = 0.0;
+  config.lora_target_linear = true;
+  config.sequence_len = static_cast<int>(r.seq);
+  config.sample_packing = false;
+  config.micro_batch_size = static_cast<int>(r.batch);
+  config.gradient_accumulation_steps = 1;
+  config.max_steps = o.warmup + o.steps + 1;
+  config.lr_scheduler = LrScheduler::constant;
+  config.gradient_checkpointing = true;
+  config.device = r.device;
+  config.seed = static_cast<int64_t>(r.seed);
+  if (dtype_name == "fp16") {
+    config.fp16 = true;
+    config.bf16 = Bf16Mode::off;
+  } else if (dtype_name == "fp32") {
+    config.bf16 = Bf16Mode::off;
+  } else {
+    config.bf16 = Bf16Mode::on;  // bf16 or "all" (bench's default --dtype)
+  }
+  const at::Device device = resolve_train_device(config.device);
+  std::string device_name = "cpu";
+#ifdef QLORA_WITH_CUDA
+  if (device.is_cuda()) {
+    c10::cuda::set_device(device.index());
+    cudaDeviceProp prop{};
+    cudaGetDeviceProperties(&prop, device.index());
+    device_name = prop.name;
+  }
+#endif
+
+  ModelLoadOptions mo;
+  mo.load_in_4bit = config.load_in_4bit;
+  mo.compute_dtype = resolve_compute_dtype(config, device);
+  mo.device = device;
+  const auto t_build = std::chrono::steady_clock::now();
+  LlamaWeights model = random_llama(shape, mo, r.seed);
+
+  // Random token rows of exactly seq tokens, every position a target (no padding, no packing).
+  PreparedData data;
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(r.seed + 1);
+  const int64_t rows = static_cast<int64_t>(config.max_steps) * r.batch;
+  const at::Tensor ids = at::randint(shape.vocab_size, {rows, r.seq}, gen, at::TensorOptions().dtype(at::kInt));
+  const int32_t* p = ids.data_ptr<int32_t>();
+  for (int64_t i = 0; i < rows; ++i) {
+    TokenizedExample ex;
+    ex.input_ids.assign(p + i * r.seq, p + (i + 1) * r.seq);
+    ex.labels = ex.input_ids;
+    data.train.push_back(std::move(ex));
+  }
+  data.stats.records = rows;
+  data.stats.tokens = data.stats.trainable_tokens = rows * r.seq;
+  TrainerOptions topt;
+  topt.write_outputs = false;
+  TrainerInputs inputs;
+  inputs.model = std::move(model);
+  inputs.data = std::move(data);
+  Trainer t = make_trainer(config, topt, nullptr, std::move(inputs));
+  const double build_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_build).count();
+  const FlopsPerToken flops = flops_per_token(t.model, t.lora, r.seq);
+
+  auto sync = [&] {
+#ifdef QLORA_WITH_CUDA
+    if (device.is_cuda()) c10::cuda::device_synchronize();
+#endif
+  };
+  for (int i = 0; i < o.warmup; ++i) train_step(t);
+  sync();
+#ifdef QLORA_WITH_CUDA
+  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+#endif
+  const auto t0 = std::chrono::steady_clock::now();
+  double last_loss = 0;
+  for (int i = 0; i < o.steps; ++i) last_loss = train_step(t).loss;
+  sync();
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  int64_t peak = 0;
+#ifdef QLORA_WITH_CUDA
+  if (device.is_cuda()) {
+    const auto s = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+    peak = s.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
+  }
+#endif
+  const double tokens = static_cast<double>(o.steps) * static_cast<double>(r.batch * r.seq);
+  const double tok_s = tokens / secs;
+  const double peak_tf = o.peak_tflops > 0 ? o.peak_tflops : (device.is_cuda() ? peak_tflops_for(device_name) : 0.0);
+  const double achieved_tf = tok_s * flops.total() / 1e12;
+  const double mfu = peak_tf > 0 ? achieved_tf / peak_tf : 0.0;
+
+  const char* dtype_label = mo.compute_dtype == at::kBFloat16 ? "bf16" : mo.compute_dtype == at::kHalf ? "fp16" : "fp32";
+  std::printf("qlora bench train --shape %s on %s: %s base, compute %s, LoRA r %d (alpha %d) on all 7 projections, "
+              "seq %lld, batch %lld, gradient checkpointing; model built in %.1f s\n",
+              o.shape.c_str(), device_name.c_str(), mo.load_in_4bit ? "NF4" : "16-bit", dtype_label, o.rank, 2 * o.rank,
+              static_cast<long long>(r.seq), static_cast<long long>(r.batch), build_s);
+  std::printf("  %d timed steps (after %d warm-up): %.3f s/step, %.0f tokens/s, last loss %.4f\n", o.steps, o.warmup,
+              secs / o.steps, tok_s, last_loss);
+  std::printf("  FLOPs/token = 4 N_base + 6 N_lora + 12 L s d = 4 x %lld + 6 x %lld + %.3g = %.4g -> %.1f TFLOP/s",
+              static_cast<long long>(flops.n_base), static_cast<long long>(flops.n_lora), flops.attention, flops.total(),
+              achieved_tf);
+  if (peak_tf > 0) std::printf(", MFU %.1f %% of %.1f TFLOP/s\n", 100.0 * mfu, peak_tf);
+  else std::printf(" (MFU: no peak known for this device; give --peak-tflops)\n");
+  if (device.is_cuda()) std::printf("  peak memory (caching allocator): %.2f GiB\n", static_cast<double>(peak) / (1 << 30));
+
+  json out = {{"shape", o.shape},          {"device", device_name},  {"dtype", dtype_label},
+              {"nf4", mo.load_in_4bit},    {"rank", o.rank},         {"seq", r.seq},
+              {"batch", r.batch},          {"steps", o.steps},       {"warmup", o.warmup},
+              {"seconds_per_step", secs / o.steps}, {"tokens_per_s", tok_s}, {"last_loss", last_loss},
+              {"flops_per_token", flops.total()},   {"n_base", flops.n_base}, {"n_lora", flops.n_lora},
+              {"achieved_tflops", achieved_tf},     {"peak_tflops", peak_tf}, {"mfu", mfu},
+              {"peak_memory_bytes", peak}};
+#ifdef QLORA_WITH_CUDA
+  if (device.is_cuda() && !o.no_profile) {
+    const std::map<std::string, double> split = profile_step([&] { train_step(t); });
+    const double wall = split.at("wall");
+    std::printf("  time split of one profiled step (%.1f ms wall, device time by kernel kind):\n", wall);
+    json js;
+    for (const char* k : {"dequant", "gemm", "attention", "loss", "optimizer", "communication", "other kernels", "GPU idle"}) {
+      const auto it = split.find(k);
+      const double v = it == split.end() ? 0.0 : it->second;
+      std::printf("    %-14s %9.2f ms  %5.1f %%\n", k, v, 100.0 * v / wall);
+      js[k] = v;
+    }
+    js["wall"] = wall;
+    out["time_split_ms"] = js;
+    std::printf("    (loss: the cross-entropy kernel; the lm_head GEMMs of the loss are under gemm)\n");
+  }
+#endif
+  std::fflush(stdout);
+  if (!json_path.empty()) {
+    std::ofstream f(json_path);
+    if (!f) throw UserError("qlora bench train: cannot write --json " + json_path);
+    f << out.dump(2) << "\n";
+  }
+  return kExitOk;
+}
+
+}  // namespace
+
+BenchTrainFn add_bench_train_options(CLI::App& bench, std::shared_ptr<const BenchRunOptions> run) {
+  auto st = std::make_shared<TrainBenchOptions>();
+  st->run = std::move(run);
+  std::string shapes;
+  for (const std::string& n : model_shape_names()) shapes += (shapes.empty() ? "" : "|") + n;
+  bench.add_option("--shape", st->shape, "train: model shape, " + shapes);
+  bench.add_option("--rank", st->rank, "train: LoRA rank (alpha = 2 x rank) on all seven projections")->capture_default_str();
+  bench.add_option("--steps", st->steps, "train: timed optimizer steps")->capture_default_str();
+  bench.add_option("--warmup", st->warmup, "train: untimed steps first")->capture_default_str();
+  bench.add_option("--peak-tflops", st->peak_tflops, "train: the device's peak TFLOP/s for MFU (default: from its name)");
+  bench.add_flag("--no-profile", st->no_profile, "train: skip the profiled step (time split)");
+  return [st](const std::string& dtype, const std::string& json_path) { return run_bench_train(*st, dtype, json_path); };
+}
+
+}  // namespace qlora::cli
