@@ -19,16 +19,17 @@ registered), logits equal to eager.
    on CUDA, where inductor's kernels and GEMM choices differ more from eager). Logits here reach ~5,
    and inductor's fused reductions (RMSNorm means, softmax) round differently from eager's: the
    absolute difference measured 6e-6 .. 2.2e-5, i.e. <= 5e-6 relative. torch._inductor.aoti_load_package
-   runs the same package in Python as a second check (same tolerance); the C++ and Python runs of
-   the package must agree to 1e-6 absolute (measured: bit-identical).
+   runs the same package in Python, in a child process, as a second check (same tolerance); the C++
+   and Python runs of the package must agree to 1e-6 absolute (measured: bit-identical on CPU). On
+   CUDA with torch 2.11 that Python loader segfaults before running anything (seen on an H200; the
+   C++ loader runs the same package): reported as KNOWN, not as a failure.
 
 PyTorch 2.11 bug (pytorch/pytorch#169157, fixed by #173562 after 2.11): AOTInductor's proxy
 executor, which runs custom ops such as qlora::nf4_dequantize, casts a serialized ScalarType
 argument (torch._export.serde numbering: FLOAT = 7) straight to c10::ScalarType (7 = Double), so
-nf4_dequantize(..., dtype=float32) receives float64 and refuses it, in Python and C++ alike. When
-the package fails that way in Python, the script rewrites the ScalarType arguments of the package's
-extern-kernel JSON into c10 numbering (the fix's mapping, for half/float/bfloat16) and says so;
-a torch with the fix runs the package as written. nf4_lora_linear has no ScalarType argument.
+nf4_dequantize(..., dtype=float32) receives float64 and refuses it, in Python and C++ alike. With torch <= 2.11 the script rewrites the ScalarType
+arguments of the package's extern-kernel JSON into c10 numbering (the fix's mapping, for
+half/float/bfloat16) before running it, and says so. nf4_lora_linear has no ScalarType argument.
 
     python tests/compile/aoti_roundtrip.py --qlora build/qlora --lib build/libqlora_ops.so [--device cuda]
 Exit status: 0 pass, 1 fail, 77 skipped (no C++ compiler for AOTInductor, or --device cuda without
@@ -146,6 +147,11 @@ class NF4Llama(torch.nn.Module):
         return self.rms(h, self.norm) @ self.lm_head.t()
 
 
+# torch 2.11's Python loader of CUDA packages segfaults on the GPU box (see run_variant).
+TORCH_CUDA_LOAD_CRASH = torch.__version__.startswith("2.11.")
+# pytorch/pytorch#169157 is fixed after 2.11 (#173562).
+TORCH_SCALAR_TYPE_BUG = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) <= (2, 11)
+
 # torch._export.serde.schema.ScalarType -> c10::ScalarType for the dtypes our ops take.
 SERDE_TO_C10_SCALAR_TYPE = {6: 5, 7: 6, 13: 15}  # HALF -> Half, FLOAT -> Float, BFLOAT16 -> BFloat16
 
@@ -201,18 +207,16 @@ def run_variant(variant, a, d, dev, tol):
         calls = sum(z.read(f).count(name.encode()) for f in z.namelist() if f.endswith(".json"))
     check(calls == LAYERS * len(PROJ), f"{variant}: the package runs {calls} {name} calls through the proxy executor")
 
-    py_runner = torch._inductor.aoti_load_package(package)
-    try:
-        with torch.no_grad():
-            py_runner(ids[SEQ_LENS[0]])
-    except RuntimeError as e:
+    # PyTorch 2.11 bug (see the header): the proxy executor reads serialized ScalarType arguments
+    # in the wrong numbering. Rewritten up front by version rather than detected by a failing
+    # Python run, which on CUDA cannot be made (the Python loader crashes there, see below).
+    if TORCH_SCALAR_TYPE_BUG:
         patched = os.path.join(vd, "model.c10_dtypes.pt2")
         n = rewrite_scalar_types(package, patched)
-        print(f"note {variant}: the package fails in Python ({str(e).splitlines()[0][:60]}...): PyTorch bug "
-              f"#169157; {n} ScalarType arguments rewritten into c10 numbering -> {patched}", flush=True)
-        check(n > 0, f"{variant}: the failing package has ScalarType arguments to rewrite")
-        package = patched
-        py_runner = torch._inductor.aoti_load_package(package)
+        if n:
+            print(f"note {variant}: torch {torch.__version__} has pytorch/pytorch#169157; {n} ScalarType arguments "
+                  f"rewritten into c10 numbering -> {patched}", flush=True)
+            package = patched
 
     for T in SEQ_LENS:
         inp, out = os.path.join(vd, f"in{T}.safetensors"), os.path.join(vd, f"out{T}.safetensors")
@@ -234,8 +238,24 @@ def run_variant(variant, a, d, dev, tol):
         diff = (cpp - ref).abs().max().item()
         check(diff <= tol * scale, f"{variant} T={T}: max |C++ AOTI - eager| = {diff:.3g}, relative to max |eager| "
                                    f"{scale:.3g}: {diff / scale:.3g} (tolerance {tol:g})")
-        with torch.no_grad():
-            py = py_runner(ids[T]).cpu()
+        # The same package through torch._inductor.aoti_load_package, in a child process (a crash
+        # there must not hide the C++ result above).
+        py_out = os.path.join(vd, f"py{T}.safetensors")
+        rp = subprocess.run([sys.executable, __file__, "--python-run", package, "--lib", a.lib, "--inputs", inp,
+                             "--out", py_out, "--qlora", a.qlora], capture_output=True, text=True)
+        if rp.returncode < 0 and dev.type == "cuda" and TORCH_CUDA_LOAD_CRASH:
+            # Seen on the H200 box (torch 2.11.0+cu130): the child dies with SIGSEGV inside
+            # torch.export.pt2_archive._package._load_aoti, before running anything, for both
+            # variants; the same package runs in C++ (checked above). A cross-check we cannot make
+            # there, said so on every run rather than counted as our failure.
+            print(f"KNOWN {variant} T={T}: Python aoti_load_package died with signal {-rp.returncode} loading the "
+                  f"CUDA package (torch {torch.__version__}); the C++ run above is the round trip", flush=True)
+            continue
+        check(rp.returncode == 0, f"{variant} T={T}: Python aoti_load_package run exit status {rp.returncode}")
+        if rp.returncode != 0:
+            print((rp.stdout + rp.stderr)[-2000:])
+            continue
+        py = load_file(py_out)["output0"]
         diff_py = (py - ref).abs().max().item()
         check(diff_py <= tol * scale, f"{variant} T={T}: max |Python AOTI - eager| = {diff_py:.3g}, relative "
                                       f"{diff_py / scale:.3g} (tolerance {tol:g})")
@@ -244,14 +264,31 @@ def run_variant(variant, a, d, dev, tol):
     return t_compile
 
 
+def python_run(package, lib, inputs, out):
+    """--python-run: the package run by torch._inductor.aoti_load_package on the inputs file."""
+    torch.ops.load_library(lib)
+    runner = torch._inductor.aoti_load_package(package)
+    meta = runner.get_metadata() if hasattr(runner, "get_metadata") else {}
+    dev = torch.device(meta.get("AOTI_DEVICE_KEY", "cpu"))
+    with torch.no_grad():
+        y = runner(load_file(inputs)["input0"].to(dev))
+    save_file({"output0": y.cpu().contiguous()}, out)
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--python-run", metavar="PACKAGE", help=argparse.SUPPRESS)
+    ap.add_argument("--inputs", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--qlora", required=True, help="the qlora binary")
     ap.add_argument("--lib", required=True, help="libqlora_ops.so")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--variants", default="merged,lora_linear", help="comma-separated: merged, lora_linear")
     ap.add_argument("--keep", help="keep the packages and the tensors in this directory")
     a = ap.parse_args()
+    if a.python_run:
+        return python_run(a.python_run, a.lib, a.inputs, a.out)
     if a.device == "cuda" and not torch.cuda.is_available():
         print("SKIP: --device cuda but torch sees no GPU")
         return 77
