@@ -129,7 +129,8 @@ TEST_CASE("qlora bench train --shape tiny on the CPU: JSON, FLOPs per token by h
 TEST_CASE("qlora bench train: bad input exits 2 with one line", "[bench_train][cli]") {
   for (const char* args : {"bench train --device cpu", "bench train --shape llama-9b --device cpu",
                            "bench train --shape tiny --device cpu --rank 0",
-                           "bench train --shape tiny --device cpu --steps 0", "bench train --shape tiny --device cpu --seq 1"}) {
+                           "bench train --shape tiny --device cpu --steps 0", "bench train --shape tiny --device cpu --seq 1",
+                           "bench train --shape tiny --device cpu --seq-search"}) {
     const Run r = run_qlora(args);
     CAPTURE(args, r.output);
     CHECK(r.status == 2);

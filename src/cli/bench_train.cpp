@@ -14,6 +14,10 @@
 // minus the summed kernel time (host work the GPU waited for; negative when kernels overlapped on
 // the prefetch stream). The profiled step is not part of the timed figure.
 //
+// --seq-search (long context): from --seq, doubling, one warm-up + one timed step per length,
+// until a step runs out of GPU memory (c10::OutOfMemoryError); the longest length that trained is
+// the figure (with --offload: activation offloading, as axolotl's activation_offloading).
+//
 // MFU = tokens/s x FLOPs per token / peak, with FLOPs per token = 4 N_base + 6 N_lora + 12 L s d
 // (N_base: the frozen matmul parameters, lm_head included, forward + input-gradient GEMMs;
 // N_lora: LoRA parameters, forward + both gradients; 12 L s d: attention scores and values, forward
@@ -30,6 +34,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -60,6 +65,10 @@ struct TrainBenchOptions {
   int warmup = 3;
   double peak_tflops = 0;  // 0: from the device name (peak_tflops_for)
   bool no_profile = false;
+  bool offload = false;      // activation_offloading: checkpointed layer inputs in pinned CPU memory
+  bool seq_search = false;   // find the longest --seq that trains (doubling until out of memory)
+  int64_t max_seq = 262144;
+  double gpu_memory_limit = 0;  // GiB the caching allocator may hold (an 80 GB card's budget on a larger one)
   std::shared_ptr<const BenchRunOptions> run;
 };
 
@@ -148,18 +157,88 @@ std::map<std::string, double> profile_step(const std::function<void()>& fn) {
 }
 #endif
 
+// One configuration measured: the trainer built on (a shallow copy of) the model, random rows of
+// `seq` tokens, warm-up, timed steps, and optionally one profiled step.
+struct Measurement {
+  int64_t seq = 0;
+  double seconds_per_step = 0, tokens_per_s = 0, last_loss = 0;
+  int64_t peak_bytes = 0;
+  FlopsPerToken flops;
+  std::map<std::string, double> split;  // CUDA time split (empty when not profiled)
+};
+
+Measurement measure(const TrainConfig& base_config, const LlamaWeights& model, int64_t seq, int64_t batch, int steps,
+                    int warmup, bool profile, uint64_t seed) {
+  TrainConfig config = base_config;
+  config.sequence_len = static_cast<int>(seq);
+  config.max_steps = warmup + steps + (profile ? 1 : 0);
+  const at::Device device = model.device;
+  // Random token rows of exactly seq tokens, every position a target (no padding, no packing).
+  PreparedData data;
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed + 1);
+  const int64_t rows = config.max_steps * batch;
+  const at::Tensor ids = at::randint(model.config.vocab_size, {rows, seq}, gen, at::TensorOptions().dtype(at::kInt));
+  const int32_t* p = ids.data_ptr<int32_t>();
+  for (int64_t i = 0; i < rows; ++i) {
+    TokenizedExample ex;
+    ex.input_ids.assign(p + i * seq, p + (i + 1) * seq);
+    ex.labels = ex.input_ids;
+    data.train.push_back(std::move(ex));
+  }
+  data.stats.records = rows;
+  data.stats.tokens = data.stats.trainable_tokens = rows * seq;
+  TrainerOptions topt;
+  topt.write_outputs = false;
+  TrainerInputs inputs;
+  inputs.model = model;  // shares the weight tensors
+  inputs.data = std::move(data);
+  Trainer t = make_trainer(config, topt, nullptr, std::move(inputs));
+
+  Measurement m;
+  m.seq = seq;
+  m.flops = flops_per_token(t.model, t.lora, seq);
+  auto sync = [&] {
+#ifdef QLORA_WITH_CUDA
+    if (device.is_cuda()) c10::cuda::device_synchronize();
+#endif
+  };
+  for (int i = 0; i < warmup; ++i) train_step(t);
+  sync();
+#ifdef QLORA_WITH_CUDA
+  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+#endif
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < steps; ++i) m.last_loss = train_step(t).loss;
+  sync();
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  m.seconds_per_step = secs / steps;
+  m.tokens_per_s = static_cast<double>(steps) * static_cast<double>(batch * seq) / secs;
+#ifdef QLORA_WITH_CUDA
+  if (device.is_cuda()) {
+    const auto st = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+    m.peak_bytes = st.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
+    if (profile) m.split = profile_step([&] { train_step(t); });
+  }
+#else
+  (void)profile;
+#endif
+  return m;
+}
+
+std::string shape_list() {
+  std::string s;
+  for (const std::string& n : model_shape_names()) s += (s.empty() ? "" : ", ") + n;
+  return s;
+}
+
 int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, const std::string& json_path) {
   const BenchRunOptions& r = *o.run;
-  if (o.shape.empty())
-    throw UserError("qlora bench train: --shape is required (one of: " + [] {
-      std::string s;
-      for (const std::string& n : model_shape_names()) s += (s.empty() ? "" : ", ") + n;
-      return s;
-    }() + ")");
+  if (o.shape.empty()) throw UserError("qlora bench train: --shape is required (one of: " + shape_list() + ")");
   if (r.seq < 2 || r.batch < 1) throw UserError("qlora bench train: --seq must be >= 2 and --batch >= 1");
   if (o.rank < 1) throw UserError("qlora bench train: --rank must be >= 1, found " + std::to_string(o.rank));
-  if (o.steps < 1 || o.warmup < 0)
-    throw UserError("qlora bench train: --steps must be >= 1 and --warmup >= 0");
+  if (o.steps < 1 || o.warmup < 0) throw UserError("qlora bench train: --steps must be >= 1 and --warmup >= 0");
+  if (o.seq_search && r.device != "cuda")
+    throw UserError("qlora bench train: --seq-search finds the longest sequence that fits in GPU memory: needs --device cuda");
   const HFConfig shape = model_shape_config(o.shape);
 
   TrainConfig config;
@@ -170,13 +249,13 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
   config.lora_alpha = 2.0 * o.rank;
   config.lora_dropout = 0.0;
   config.lora_target_linear = true;
-  config.sequence_len = static_cast<int>(r.seq);
   config.sample_packing = false;
   config.micro_batch_size = static_cast<int>(r.batch);
   config.gradient_accumulation_steps = 1;
-  config.max_steps = o.warmup + o.steps + 1;
   config.lr_scheduler = LrScheduler::constant;
   config.gradient_checkpointing = true;
+  config.activation_offloading = o.offload;
+  config.gpu_memory_limit = o.gpu_memory_limit;
   config.device = r.device;
   config.seed = static_cast<int64_t>(r.seed);
   if (dtype_name == "fp16") {
@@ -203,97 +282,85 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
   mo.compute_dtype = resolve_compute_dtype(config, device);
   mo.device = device;
   const auto t_build = std::chrono::steady_clock::now();
-  LlamaWeights model = random_llama(shape, mo, r.seed);
-
-  // Random token rows of exactly seq tokens, every position a target (no padding, no packing).
-  PreparedData data;
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(r.seed + 1);
-  const int64_t rows = static_cast<int64_t>(config.max_steps) * r.batch;
-  const at::Tensor ids = at::randint(shape.vocab_size, {rows, r.seq}, gen, at::TensorOptions().dtype(at::kInt));
-  const int32_t* p = ids.data_ptr<int32_t>();
-  for (int64_t i = 0; i < rows; ++i) {
-    TokenizedExample ex;
-    ex.input_ids.assign(p + i * r.seq, p + (i + 1) * r.seq);
-    ex.labels = ex.input_ids;
-    data.train.push_back(std::move(ex));
-  }
-  data.stats.records = rows;
-  data.stats.tokens = data.stats.trainable_tokens = rows * r.seq;
-  TrainerOptions topt;
-  topt.write_outputs = false;
-  TrainerInputs inputs;
-  inputs.model = std::move(model);
-  inputs.data = std::move(data);
-  Trainer t = make_trainer(config, topt, nullptr, std::move(inputs));
+  const LlamaWeights model = random_llama(shape, mo, r.seed);
   const double build_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_build).count();
-  const FlopsPerToken flops = flops_per_token(t.model, t.lora, r.seq);
-
-  auto sync = [&] {
-#ifdef QLORA_WITH_CUDA
-    if (device.is_cuda()) c10::cuda::device_synchronize();
-#endif
-  };
-  for (int i = 0; i < o.warmup; ++i) train_step(t);
-  sync();
-#ifdef QLORA_WITH_CUDA
-  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
-#endif
-  const auto t0 = std::chrono::steady_clock::now();
-  double last_loss = 0;
-  for (int i = 0; i < o.steps; ++i) last_loss = train_step(t).loss;
-  sync();
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  int64_t peak = 0;
-#ifdef QLORA_WITH_CUDA
-  if (device.is_cuda()) {
-    const auto s = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
-    peak = s.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
-  }
-#endif
-  const double tokens = static_cast<double>(o.steps) * static_cast<double>(r.batch * r.seq);
-  const double tok_s = tokens / secs;
-  const double peak_tf = o.peak_tflops > 0 ? o.peak_tflops : (device.is_cuda() ? peak_tflops_for(device_name) : 0.0);
-  const double achieved_tf = tok_s * flops.total() / 1e12;
-  const double mfu = peak_tf > 0 ? achieved_tf / peak_tf : 0.0;
-
   const char* dtype_label = mo.compute_dtype == at::kBFloat16 ? "bf16" : mo.compute_dtype == at::kHalf ? "fp16" : "fp32";
   std::printf("qlora bench train --shape %s on %s: %s base, compute %s, LoRA r %d (alpha %d) on all 7 projections, "
-              "seq %lld, batch %lld, gradient checkpointing; model built in %.1f s\n",
+              "batch %lld, gradient checkpointing%s; model built in %.1f s\n",
               o.shape.c_str(), device_name.c_str(), mo.load_in_4bit ? "NF4" : "16-bit", dtype_label, o.rank, 2 * o.rank,
-              static_cast<long long>(r.seq), static_cast<long long>(r.batch), build_s);
-  std::printf("  %d timed steps (after %d warm-up): %.3f s/step, %.0f tokens/s, last loss %.4f\n", o.steps, o.warmup,
-              secs / o.steps, tok_s, last_loss);
-  std::printf("  FLOPs/token = 4 N_base + 6 N_lora + 12 L s d = 4 x %lld + 6 x %lld + %.3g = %.4g -> %.1f TFLOP/s",
-              static_cast<long long>(flops.n_base), static_cast<long long>(flops.n_lora), flops.attention, flops.total(),
-              achieved_tf);
-  if (peak_tf > 0) std::printf(", MFU %.1f %% of %.1f TFLOP/s\n", 100.0 * mfu, peak_tf);
-  else std::printf(" (MFU: no peak known for this device; give --peak-tflops)\n");
-  if (device.is_cuda()) std::printf("  peak memory (caching allocator): %.2f GiB\n", static_cast<double>(peak) / (1 << 30));
+              static_cast<long long>(r.batch), o.offload ? " + activation offloading" : "", build_s);
+  std::fflush(stdout);
+  json out = {{"shape", o.shape}, {"device", device_name}, {"dtype", dtype_label}, {"nf4", mo.load_in_4bit},
+              {"rank", o.rank},   {"batch", r.batch},      {"offload", o.offload}};
 
-  json out = {{"shape", o.shape},          {"device", device_name},  {"dtype", dtype_label},
-              {"nf4", mo.load_in_4bit},    {"rank", o.rank},         {"seq", r.seq},
-              {"batch", r.batch},          {"steps", o.steps},       {"warmup", o.warmup},
-              {"seconds_per_step", secs / o.steps}, {"tokens_per_s", tok_s}, {"last_loss", last_loss},
-              {"flops_per_token", flops.total()},   {"n_base", flops.n_base}, {"n_lora", flops.n_lora},
-              {"achieved_tflops", achieved_tf},     {"peak_tflops", peak_tf}, {"mfu", mfu},
-              {"peak_memory_bytes", peak}};
+  if (o.seq_search) {
+    // The longest sequence that trains: doubling from --seq until a step runs out of memory.
+    json tried = json::array();
+    std::optional<Measurement> best;
+    for (int64_t seq = r.seq; seq <= o.max_seq; seq *= 2) {
+      try {
+        const Measurement m = measure(config, model, seq, r.batch, 1, 1, false, r.seed);
+        std::printf("  seq %7lld: fits, %.0f tokens/s, peak %.2f GiB\n", static_cast<long long>(seq), m.tokens_per_s,
+                    static_cast<double>(m.peak_bytes) / (1 << 30));
+        tried.push_back({{"seq", seq}, {"fits", true}, {"tokens_per_s", m.tokens_per_s}, {"peak_memory_bytes", m.peak_bytes}});
+        best = m;
+      } catch (const c10::OutOfMemoryError&) {
+        std::printf("  seq %7lld: out of memory\n", static_cast<long long>(seq));
+        tried.push_back({{"seq", seq}, {"fits", false}});
 #ifdef QLORA_WITH_CUDA
-  if (device.is_cuda() && !o.no_profile) {
-    const std::map<std::string, double> split = profile_step([&] { train_step(t); });
-    const double wall = split.at("wall");
-    std::printf("  time split of one profiled step (%.1f ms wall, device time by kernel kind):\n", wall);
-    json js;
-    for (const char* k : {"dequant", "gemm", "attention", "loss", "optimizer", "communication", "other kernels", "GPU idle"}) {
-      const auto it = split.find(k);
-      const double v = it == split.end() ? 0.0 : it->second;
-      std::printf("    %-14s %9.2f ms  %5.1f %%\n", k, v, 100.0 * v / wall);
-      js[k] = v;
-    }
-    js["wall"] = wall;
-    out["time_split_ms"] = js;
-    std::printf("    (loss: the cross-entropy kernel; the lm_head GEMMs of the loss are under gemm)\n");
-  }
+        c10::cuda::CUDACachingAllocator::emptyCache();
 #endif
+        break;
+      }
+      std::fflush(stdout);
+    }
+    out["seq_search"] = tried;
+    out["longest_seq"] = best ? best->seq : 0;
+    std::printf("  longest sequence that trains at batch %lld: %lld\n", static_cast<long long>(r.batch),
+                static_cast<long long>(best ? best->seq : 0));
+  } else {
+    const bool profile = device.is_cuda() && !o.no_profile;
+    const Measurement m = measure(config, model, r.seq, r.batch, o.steps, o.warmup, profile, r.seed);
+    const double peak_tf = o.peak_tflops > 0 ? o.peak_tflops : (device.is_cuda() ? peak_tflops_for(device_name) : 0.0);
+    const double achieved_tf = m.tokens_per_s * m.flops.total() / 1e12;
+    const double mfu = peak_tf > 0 ? achieved_tf / peak_tf : 0.0;
+    std::printf("  seq %lld: %d timed steps (after %d warm-up): %.3f s/step, %.0f tokens/s, last loss %.4f\n",
+                static_cast<long long>(m.seq), o.steps, o.warmup, m.seconds_per_step, m.tokens_per_s, m.last_loss);
+    std::printf("  FLOPs/token = 4 N_base + 6 N_lora + 12 L s d = 4 x %lld + 6 x %lld + %.3g = %.4g -> %.1f TFLOP/s",
+                static_cast<long long>(m.flops.n_base), static_cast<long long>(m.flops.n_lora), m.flops.attention,
+                m.flops.total(), achieved_tf);
+    if (peak_tf > 0) std::printf(", MFU %.1f %% of %.1f TFLOP/s\n", 100.0 * mfu, peak_tf);
+    else std::printf(" (MFU: no peak known for this device; give --peak-tflops)\n");
+    if (device.is_cuda())
+      std::printf("  peak memory (caching allocator): %.2f GiB\n", static_cast<double>(m.peak_bytes) / (1 << 30));
+    out.update({{"seq", m.seq},
+                {"steps", o.steps},
+                {"warmup", o.warmup},
+                {"seconds_per_step", m.seconds_per_step},
+                {"tokens_per_s", m.tokens_per_s},
+                {"last_loss", m.last_loss},
+                {"flops_per_token", m.flops.total()},
+                {"n_base", m.flops.n_base},
+                {"n_lora", m.flops.n_lora},
+                {"achieved_tflops", achieved_tf},
+                {"peak_tflops", peak_tf},
+                {"mfu", mfu},
+                {"peak_memory_bytes", m.peak_bytes}});
+    if (!m.split.empty()) {
+      const double wall = m.split.at("wall");
+      std::printf("  time split of one profiled step (%.1f ms wall, device time by kernel kind):\n", wall);
+      json js;
+      for (const char* k : {"dequant", "gemm", "attention", "loss", "optimizer", "communication", "other kernels", "GPU idle"}) {
+        const auto it = m.split.find(k);
+        const double v = it == m.split.end() ? 0.0 : it->second;
+        std::printf("    %-14s %9.2f ms  %5.1f %%\n", k, v, 100.0 * v / wall);
+        js[k] = v;
+      }
+      js["wall"] = wall;
+      out["time_split_ms"] = js;
+      std::printf("    (loss: the cross-entropy kernel; the lm_head GEMMs of the loss are under gemm)\n");
+    }
+  }
   std::fflush(stdout);
   if (!json_path.empty()) {
     std::ofstream f(json_path);
@@ -316,6 +383,12 @@ BenchTrainFn add_bench_train_options(CLI::App& bench, std::shared_ptr<const Benc
   bench.add_option("--warmup", st->warmup, "train: untimed steps first")->capture_default_str();
   bench.add_option("--peak-tflops", st->peak_tflops, "train: the device's peak TFLOP/s for MFU (default: from its name)");
   bench.add_flag("--no-profile", st->no_profile, "train: skip the profiled step (time split)");
+  bench.add_flag("--offload", st->offload, "train: activation offloading (checkpointed layer inputs in pinned CPU memory)");
+  bench.add_flag("--seq-search", st->seq_search,
+                 "train: the longest sequence that trains: from --seq, doubling until a step runs out of GPU memory");
+  bench.add_option("--max-seq", st->max_seq, "train: where --seq-search stops")->capture_default_str();
+  bench.add_option("--gpu-memory-limit", st->gpu_memory_limit,
+                   "train: GiB the CUDA caching allocator may hold (as the gpu_memory_limit config key)");
   return [st](const std::string& dtype, const std::string& json_path) { return run_bench_train(*st, dtype, json_path); };
 }
 

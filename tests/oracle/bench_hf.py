@@ -30,6 +30,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-4bit", action="store_true")
     ap.add_argument("--out", default="")
+    ap.add_argument("--memory-limit-gib", type=float, default=0,
+                    help="cap the caching allocator (torch.cuda.set_per_process_memory_fraction), e.g. 79 for an "
+                         "80 GB card's budget on a larger one; out of memory then exits 3")
     a = ap.parse_args()
     try:
         import torch
@@ -43,6 +46,9 @@ def main():
     if not torch.cuda.is_available():
         print("bench_hf: no CUDA device: skipped")
         return 77
+    if a.memory_limit_gib > 0:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, a.memory_limit_gib * 2**30 / total), 0)
     quant = None
     if not a.no_4bit:
         quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -62,32 +68,40 @@ def main():
     vocab = model.config.vocab_size
     g = torch.Generator(device="cuda").manual_seed(0)
     torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for step in range(a.steps):
-        ids = torch.randint(0, min(vocab, 128000), (a.batch, a.seq), device="cuda", generator=g)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        dt = time.perf_counter() - t
-        losses.append(float(out.loss))
-        if step >= a.warmup:
-            times.append(dt)
-        print(f"hf step {step + 1}/{a.steps}: loss {losses[-1]:.4f}, {a.batch * a.seq / dt:.0f} tok/s", flush=True)
-    med = statistics.median(times)
-    res = {"stack": f"transformers {transformers.__version__} + peft {peft.__version__}" +
-                    ("" if a.no_4bit else f" + bitsandbytes {bitsandbytes.__version__} nf4"),
-           "model": a.model, "seq": a.seq, "batch": a.batch, "rank": a.rank, "load_s": load_s,
-           "trainable_params": sum(p.numel() for p in params), "median_step_s": med,
-           "tokens_per_s": a.batch * a.seq / med, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-           "losses": losses}
-    print("bench_hf: " + json.dumps({k: v for k, v in res.items() if k != "losses"}))
-    if a.out:
-        json.dump(res, open(a.out, "w"), indent=1)
-    return 0
+
+    def run_steps():
+        times, losses = [], []
+        for step in range(a.steps):
+            ids = torch.randint(0, min(vocab, 128000), (a.batch, a.seq), device="cuda", generator=g)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = model(input_ids=ids, labels=ids)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t
+            losses.append(float(out.loss))
+            if step >= a.warmup:
+                times.append(dt)
+            print(f"hf step {step + 1}/{a.steps}: loss {losses[-1]:.4f}, {a.batch * a.seq / dt:.0f} tok/s", flush=True)
+        med = statistics.median(times)
+        res = {"stack": f"transformers {transformers.__version__} + peft {peft.__version__}" +
+                        ("" if a.no_4bit else f" + bitsandbytes {bitsandbytes.__version__} nf4"),
+               "model": a.model, "seq": a.seq, "batch": a.batch, "rank": a.rank, "load_s": load_s,
+               "trainable_params": sum(p.numel() for p in params), "median_step_s": med,
+               "tokens_per_s": a.batch * a.seq / med, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+               "losses": losses}
+        print("bench_hf: " + json.dumps({k: v for k, v in res.items() if k != "losses"}))
+        if a.out:
+            json.dump(res, open(a.out, "w"), indent=1)
+        return 0
+
+    try:
+        return run_steps()
+    except torch.OutOfMemoryError as e:
+        print(f"bench_hf: out of memory at seq {a.seq}, batch {a.batch}: {str(e).splitlines()[0][:120]}")
+        return 3
 
 
 if __name__ == "__main__":
