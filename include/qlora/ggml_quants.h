@@ -36,4 +36,23 @@ void ggml_dequantize_row(GgmlType t, const void* data, int64_t n, float* out, co
 // as [out, in]. UserError naming the file and tensor for types that cannot be read.
 at::Tensor gguf_tensor_to_float(const GgufFile& file, const GgufTensorInfo& info);
 
+// ---- fp32 -> ggml (src/quant/ggml_quantize.cpp), what gguf-py's gguf.quants.quantize writes, bit
+// for bit (tests/oracle/gguf_export.py), all arithmetic in fp32 as numpy does it:
+//   f32   as is
+//   f16   IEEE half, round to nearest even (numpy astype(float16))
+//   bf16  round to nearest even on the bits; NaN forced quiet (ggml_compute_fp32_to_bf16)
+//   q8_0  per block of 32: d = max|x| / 127, id = d == 0 ? 0 : 1 / d, q = round-half-away(x * id),
+//         d stored as fp16
+//   q4_0  per block of 32: m = the first element of largest |x|, d = m / -8, id = d == 0 ? 0 : 1 / d,
+//         q = min(15, trunc(x * id + 8.5)) (product and sum each rounded: no FMA); q[j] in the low
+//         nibble of byte j, q[j + 16] in its high nibble
+// True for the types ggml_quantize_row writes: f32, f16, bf16, q8_0, q4_0.
+bool ggml_can_quantize(GgmlType t);
+// Quantizes `n` floats (a multiple of the block size: UserError naming `where` otherwise, and for
+// types ggml_can_quantize rejects) into ggml_row_bytes(t, n) bytes at `out`.
+void ggml_quantize_row(GgmlType t, const float* x, int64_t n, void* out, const std::string& where = "ggml quantize");
+// A CPU tensor of any float dtype and shape [..., k] as ggml bytes of type t (rows of k elements,
+// converted to fp32 first), in parallel over rows.
+std::string ggml_quantize_tensor(const at::Tensor& x, GgmlType t, const std::string& where = "ggml quantize");
+
 }  // namespace qlora

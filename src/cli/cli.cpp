@@ -13,18 +13,6 @@
 
 namespace qlora::cli {
 
-CommandFn add_pending_command(CLI::App& app, const std::string& name, const std::string& description,
-                              const std::string& usage_hint) {
-  auto* sub = app.add_subcommand(name, description + " [not implemented yet]");
-  auto args = std::make_shared<std::vector<std::string>>();
-  sub->add_option("args", *args, usage_hint);
-  sub->allow_extras();
-  return [name, args] {  // args: keeps the bound storage alive
-    throw UserError("qlora " + name + ": not implemented yet in this build (its issue has not landed)");
-    return kExitUserError;
-  };
-}
-
 int run(int argc, char** argv) {
   CLI::App app{"qlora.cpp: QLoRA fine-tuning of Llama-family models, one native binary", "qlora"};
   app.require_subcommand(0, 1);
@@ -40,9 +28,9 @@ int run(int argc, char** argv) {
     commands.emplace_back(subs.back(), std::move(fn));
   };
   add(add_train_command(app));
-  add(add_pending_command(app, "eval", "evaluate loss/perplexity on a config's validation data", "CONFIG [key=value ...]"));
-  add(add_pending_command(app, "generate", "generate text from a base model plus an adapter", "MODEL_DIR [ADAPTER_DIR] PROMPT"));
-  add(add_pending_command(app, "merge", "merge a LoRA adapter into the base weights", "MODEL_DIR ADAPTER_DIR OUT_DIR"));
+  add(add_eval_command(app));
+  add(add_generate_command(app));
+  add(add_merge_command(app));
   add(add_export_command(app));
   add(add_quantize_command(app));
   add(add_inspect_command(app));

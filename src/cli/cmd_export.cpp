@@ -5,7 +5,7 @@
 // tests/compile/aoti_roundtrip.py). Weights are the module's buffers; NF4 weights stay NF4 and run
 // as qlora::nf4_lora_linear, so a loader needs the qlora ops (Python: torch.ops.load_library(
 // "libqlora_ops.so") before torch.jit.load). The trace is for one shape: [1, N].
-// --format gguf and safetensors are issue 10 (not implemented yet: exit 2).
+// --format gguf and safetensors (the model with the adapter merged) are run by cmd_merge.cpp.
 #include <ATen/ATen.h>
 #include <torch/csrc/jit/api/module.h>
 #ifdef QLORA_WITH_CUDA
@@ -67,8 +67,8 @@ CommandFn add_export_command(CLI::App& app) {
     bool nf4 = false;
   };
   auto st = std::make_shared<State>();
-  auto* sub = app.add_subcommand("export", "export a model: --format torchscript (gguf, safetensors: not implemented yet)");
-  sub->add_option("--format", st->format, "torchscript (gguf, safetensors: issue 10, not implemented yet)");
+  auto* sub = app.add_subcommand("export", "export a model: --format gguf, safetensors or torchscript");
+  sub->add_option("--format", st->format, "gguf (llama.cpp), safetensors (merged HF checkpoint) or torchscript");
   sub->add_option("model", st->model_dir, "HF checkpoint directory (16-bit or bnb-4bit) or a .gguf file");
   sub->add_option("--adapter", st->adapter, "PEFT LoRA adapter directory to apply (kept as LoRA, not merged)");
   sub->add_option("--out", st->out, "output file, e.g. model.pt");
@@ -77,11 +77,11 @@ CommandFn add_export_command(CLI::App& app) {
                 "quantize 16-bit linear weights to NF4 at load (bnb-4bit checkpoints always stay NF4)");
   sub->add_option("--dtype", st->dtype, "compute dtype: float32, bfloat16 or float16")->capture_default_str();
   sub->add_option("--device", st->device, "cpu, cuda or cuda:N: where the traced module runs")->capture_default_str();
-  return [st] {
-    if (st->format.empty())
-      throw UserError("qlora export: expected --format torchscript (gguf and safetensors are not implemented yet: issue 10)");
+  const ExportMergedFn export_merged = add_export_merged_options(*sub);  // gguf, safetensors: cmd_merge.cpp
+  return [st, sub, export_merged] {
+    if (st->format.empty()) throw UserError("qlora export: expected --format gguf, safetensors or torchscript");
     if (st->format == "gguf" || st->format == "safetensors")
-      throw UserError("qlora export --format " + st->format + ": not implemented yet in this build (issue 10)");
+      return export_merged(st->format, st->model_dir, st->adapter, st->out, sub->count("--dtype") ? st->dtype : "");
     if (st->format != "torchscript")
       throw UserError("qlora export: --format expected torchscript, gguf or safetensors, found '" + st->format + "'");
     if (st->model_dir.empty()) throw UserError("qlora export: expected a MODEL_DIR argument");

@@ -19,6 +19,16 @@ CommandFn add_preprocess_command(CLI::App& app);
 CommandFn add_export_command(CLI::App& app);          // cmd_export.cpp
 CommandFn add_check_compile_command(CLI::App& app);   // cmd_check_compile.cpp
 CommandFn add_aoti_run_command(CLI::App& app);        // cmd_aoti_run.cpp (hidden: a test tool)
+CommandFn add_generate_command(CLI::App& app);        // cmd_generate.cpp
+CommandFn add_eval_command(CLI::App& app);            // cmd_eval.cpp
+CommandFn add_merge_command(CLI::App& app);           // cmd_merge.cpp
+
+// qlora export --format gguf|safetensors (cmd_merge.cpp): adds --type, --base-16bit and --force to
+// the export subcommand; the returned function runs those formats with export's shared MODEL,
+// --adapter and --out, and --dtype ("" when it was not given).
+using ExportMergedFn = std::function<int(const std::string& format, const std::string& model, const std::string& adapter,
+                                         const std::string& out, const std::string& dtype)>;
+ExportMergedFn add_export_merged_options(CLI::App& export_command);
 
 // The options qlora bench model and qlora bench train share (--seq, --batch, --no-4bit, --device,
 // --seed), added to the bench subcommand once by add_bench_model_options.
@@ -50,11 +60,6 @@ BenchFlceFn add_bench_flce_options(CLI::App& bench);
 // function runs it with bench's --iters (0 when not given) and --json values.
 using BenchTokenizerFn = std::function<int(int iters, const std::string& json_path)>;
 BenchTokenizerFn add_bench_tokenizer_options(CLI::App& bench);
-
-// A subcommand whose implementation has not landed: it has --help and says plainly that it is
-// not implemented yet (exit status 2).
-CommandFn add_pending_command(CLI::App& app, const std::string& name, const std::string& description,
-                              const std::string& usage_hint);
 
 // Parses argv, runs the chosen subcommand, maps errors to exit statuses (error.h).
 int run(int argc, char** argv);

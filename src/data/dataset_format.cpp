@@ -245,10 +245,15 @@ DataContext make_data_context(const TrainConfig& config, const Tokenizer& tokeni
     if (detect_chat_template(tokenizer.chat_template(), k)) c.chat_template = k;
   }
   if (jinja.empty()) jinja = tokenizer.chat_template();
-  // The Qwen2.5 template adds its default system prompt; SmolLM's chatml does not.
+  // The Qwen2.5 and SmolLM2-Instruct templates add their default system prompt when the
+  // conversation has none (written '<|im_start|>system\n' + prompt + '<|im_end|>' in the template).
   static const std::string kQwenSystem = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
-  if (c.chat_template == ChatTemplateKind::chatml && jinja.find(kQwenSystem) != std::string::npos)
-    c.chat_options.default_system = kQwenSystem;
+  static const std::string kSmolLM2System = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+  if (c.chat_template == ChatTemplateKind::chatml) {
+    if (jinja.find(kQwenSystem) != std::string::npos) c.chat_options.default_system = kQwenSystem;
+    else if (jinja.find("system\n" + kSmolLM2System + "<|im_end|>") != std::string::npos)
+      c.chat_options.default_system = kSmolLM2System;
+  }
   return c;
 }
 

@@ -22,6 +22,26 @@ struct DequantScratch;
 std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, double attention_scaling,
                                                const at::Tensor& position_ids, at::ScalarType dtype);
 
+// llama.cpp: decoder_layer in its pieces, for the KV-cache decoder (kv_cache.cpp), which attends
+// over cached keys instead of the batch's own. decoder_layer(h) is exactly
+//   qkv = decoder_layer_qkv(h, ..., attn.cos, attn.sin, ...);
+//   decoder_layer_output(h, grouped_attention(qkv.q, qkv.k, qkv.v, mask), ...)
+struct LayerQKV {
+  at::Tensor q;     // [B, heads, T, head_dim], RoPE applied
+  at::Tensor k, v;  // [B, kv_heads, T, head_dim], RoPE applied to k
+};
+struct LoraLayer;
+LayerQKV decoder_layer_qkv(const at::Tensor& h, const DecoderLayerWeights& layer, const LlamaWeights& model,
+                           const at::Tensor& cos, const at::Tensor& sin, DequantScratch& scratch, const LoraLayer* lora,
+                           bool training);
+// h + o_proj(attn_out), then + mlp(norm(.)); attn_out [B, heads, T, head_dim] (SDPA's output).
+at::Tensor decoder_layer_output(const at::Tensor& h, const at::Tensor& attn_out, const DecoderLayerWeights& layer,
+                                const LlamaWeights& model, DequantScratch& scratch, const LoraLayer* lora, bool training);
+// SDPA over q [B, heads, Tq, D] and k/v [B, kv_heads, Tk, D] (grouped-query: query head h reads KV
+// head h / (heads / kv_heads)). mask: bool [B or 1, 1, Tq, Tk] (true = attend); undefined: causal
+// when Tq > 1 (Tq == Tk), and every key when Tq == 1.
+at::Tensor grouped_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask);
+
 // linear.cpp: a [out, in] view of the scratch holding `t` dequantized to `dtype` (the buffer is
 // reallocated only when it is too small or of another dtype/device).
 at::Tensor dequantize_into_scratch(const NF4Tensor& t, DequantScratch& scratch, at::ScalarType dtype);

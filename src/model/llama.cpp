@@ -74,10 +74,8 @@ AttentionInputs attention_inputs(const LlamaWeights& model, const at::Tensor& po
   return a;
 }
 
-namespace {
-
-// SDPA over q [B, H, T, D], k/v [B, KV, T, D].
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {
+// SDPA over q [B, H, Tq, D], k/v [B, KV, Tk, D].
+at::Tensor grouped_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {
   const int64_t heads = q.size(1), kv_heads = k.size(1);
   const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));  // head_dim ** -0.5
   if (!mask.defined())
@@ -93,39 +91,57 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return at::scaled_dot_product_attention(q, repeat(k), repeat(v), mask, 0.0, /*is_causal=*/false, scale);
 }
 
+namespace {
+
+// One projection: the base alone without adapters (exactly linear_forward, bit for bit), else
+// lora_linear_forward with this layer's adapter for it (or none).
+at::Tensor project(const at::Tensor& in, const LinearWeight& w, const LoraLayer* lora,
+                   std::optional<LoraLinear> LoraLayer::*adapter, DequantScratch& scratch, bool training) {
+  if (lora == nullptr) return linear_forward(in, w, scratch);
+  const std::optional<LoraLinear>& a = lora->*adapter;
+  return lora_linear_forward(in, w, a ? &*a : nullptr, scratch, training);
+}
+
 }  // namespace
+
+LayerQKV decoder_layer_qkv(const at::Tensor& h, const DecoderLayerWeights& layer, const LlamaWeights& model,
+                           const at::Tensor& cos, const at::Tensor& sin, DequantScratch& scratch, const LoraLayer* lora,
+                           bool training) {
+  const HFConfig& c = model.config;
+  const int64_t B = h.size(0), T = h.size(1), D = c.head_dim;
+  const at::Tensor x = rms_norm(h, layer.input_layernorm, c.rms_norm_eps);
+  LayerQKV r;
+  r.q = project(x, layer.q_proj, lora, &LoraLayer::q_proj, scratch, training).view({B, T, c.num_attention_heads, D}).transpose(1, 2);
+  r.k = project(x, layer.k_proj, lora, &LoraLayer::k_proj, scratch, training).view({B, T, c.num_key_value_heads, D}).transpose(1, 2);
+  r.v = project(x, layer.v_proj, lora, &LoraLayer::v_proj, scratch, training).view({B, T, c.num_key_value_heads, D}).transpose(1, 2);
+  r.q = apply_rotary(r.q, cos, sin);
+  r.k = apply_rotary(r.k, cos, sin);
+  return r;
+}
+
+at::Tensor decoder_layer_output(const at::Tensor& h, const at::Tensor& attn_out, const DecoderLayerWeights& layer,
+                                const LlamaWeights& model, DequantScratch& scratch, const LoraLayer* lora, bool training) {
+  const HFConfig& c = model.config;
+  const int64_t B = h.size(0), T = h.size(1);
+  const at::Tensor o = attn_out.transpose(1, 2).reshape({B, T, c.num_attention_heads * c.head_dim});
+  const at::Tensor after_attn = h + project(o, layer.o_proj, lora, &LoraLayer::o_proj, scratch, training);
+
+  const at::Tensor y = rms_norm(after_attn, layer.post_attention_layernorm, c.rms_norm_eps);
+  const at::Tensor gate = at::silu(project(y, layer.gate_proj, lora, &LoraLayer::gate_proj, scratch, training));
+  const at::Tensor up = project(y, layer.up_proj, lora, &LoraLayer::up_proj, scratch, training);
+  return after_attn + project(gate * up, layer.down_proj, lora, &LoraLayer::down_proj, scratch, training);
+}
 
 at::Tensor decoder_layer(const at::Tensor& h, const DecoderLayerWeights& layer, const LlamaWeights& model,
                          const AttentionInputs& attn, DequantScratch& scratch, const LoraLayer* lora, bool training) {
-  const HFConfig& c = model.config;
-  const int64_t B = h.size(0), T = h.size(1), D = c.head_dim;
-  // Without adapters every projection is exactly linear_forward (the base model, bit for bit).
-  auto project = [&](const at::Tensor& in, const LinearWeight& w, std::optional<LoraLinear> LoraLayer::*adapter) {
-    if (lora == nullptr) return linear_forward(in, w, scratch);
-    const std::optional<LoraLinear>& a = lora->*adapter;
-    return lora_linear_forward(in, w, a ? &*a : nullptr, scratch, training);
-  };
-
-  const at::Tensor x = rms_norm(h, layer.input_layernorm, c.rms_norm_eps);
-  at::Tensor q = project(x, layer.q_proj, &LoraLayer::q_proj).view({B, T, c.num_attention_heads, D}).transpose(1, 2);
-  at::Tensor k = project(x, layer.k_proj, &LoraLayer::k_proj).view({B, T, c.num_key_value_heads, D}).transpose(1, 2);
-  const at::Tensor v = project(x, layer.v_proj, &LoraLayer::v_proj).view({B, T, c.num_key_value_heads, D}).transpose(1, 2);
-  q = apply_rotary(q, attn.cos, attn.sin);
-  k = apply_rotary(k, attn.cos, attn.sin);
-
+  const LayerQKV qkv = decoder_layer_qkv(h, layer, model, attn.cos, attn.sin, scratch, lora, training);
   at::Tensor mask = attn.mask;
   if (layer.sliding_window > 0 && attn.sliding_mask.defined()) {
     TORCH_CHECK(layer.sliding_window == attn.sliding_window, "decoder_layer: the layer's sliding window ", layer.sliding_window,
                 " differs from the one the attention inputs were built for (", attn.sliding_window, ")");
     mask = attn.sliding_mask;
   }
-  const at::Tensor o = attention(q, k, v, mask).transpose(1, 2).reshape({B, T, c.num_attention_heads * D});
-  const at::Tensor after_attn = h + project(o, layer.o_proj, &LoraLayer::o_proj);
-
-  const at::Tensor y = rms_norm(after_attn, layer.post_attention_layernorm, c.rms_norm_eps);
-  const at::Tensor gate = at::silu(project(y, layer.gate_proj, &LoraLayer::gate_proj));
-  const at::Tensor up = project(y, layer.up_proj, &LoraLayer::up_proj);
-  return after_attn + project(gate * up, layer.down_proj, &LoraLayer::down_proj);
+  return decoder_layer_output(h, grouped_attention(qkv.q, qkv.k, qkv.v, mask), layer, model, scratch, lora, training);
 }
 
 namespace {
