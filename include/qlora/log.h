@@ -26,6 +26,15 @@ inline void log_info(const std::string& m) { log_message(LogLevel::info, m); }
 inline void log_warn(const std::string& m) { log_message(LogLevel::warn, m); }
 inline void log_error(const std::string& m) { log_message(LogLevel::error, m); }
 
+// fixed(3.14159, 2) -> "3.14": the one fixed-point number format of log lines and reports.
+inline std::string fixed(double v, int digits) {
+  std::ostringstream s;
+  s.setf(std::ios::fixed, std::ios::floatfield);
+  s.precision(digits);
+  s << v;
+  return s.str();
+}
+
 // cat("step ", 3, " loss ", 1.25) -> "step 3 loss 1.25"
 template <typename... Args>
 std::string cat(const Args&... args) {

@@ -119,12 +119,6 @@ std::string kernel_kind(const std::string& name) {
   return "other kernels";
 }
 
-std::string fixed(double v, int digits) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.*f", digits, v);
-  return buf;
-}
-
 #ifdef QLORA_WITH_CUDA
 // Device time per kernel kind (ms) over one call of fn, from the Kineto profiler; "GPU idle" and
 // "wall" (ms) added.

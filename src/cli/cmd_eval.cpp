@@ -39,14 +39,6 @@ DatasetType dataset_type(const std::string& name) {
   throw UserError("--type: expected text, completion, alpaca, chat or input_ids, found '" + name + "'");
 }
 
-std::string fixed(double v, int digits) {
-  std::ostringstream s;
-  s << std::fixed;
-  s.precision(digits);
-  s << v;
-  return s.str();
-}
-
 bool is_txt(const std::string& path) { return path.size() >= 4 && path.compare(path.size() - 4, 4, ".txt") == 0; }
 
 // The whole text file as consecutive chunks of `seq` tokens (the last one shorter); every token is

@@ -40,12 +40,6 @@ bool is_bnb_4bit(const fs::path& model_dir) {
   return c.quantization_config && c.quantization_config->load_in_4bit;
 }
 
-std::string fixed1(double v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.1f", v);
-  return buf;
-}
-
 at::ScalarType export_dtype(const std::string& name) {
   if (name == "float32" || name == "fp32") return at::kFloat;
   if (name == "bfloat16" || name == "bf16") return at::kBFloat16;
@@ -114,7 +108,7 @@ CommandFn add_export_command(CLI::App& app) {
     log_info(cat("exported ", st->model_dir, lora ? " + adapter " + st->adapter : std::string(), " (",
                  mo.load_in_4bit ? "NF4" : "16-bit", ", compute ", torch_dtype_name(mo.compute_dtype), ", ",
                  device.str(), ") as TorchScript: ", out.string(), ", input_ids [1, ", st->seq, "] -> logits, ",
-                 fixed1(static_cast<double>(bytes) / (1 << 20)), " MiB, ", fixed1(secs),
+                 fixed(static_cast<double>(bytes) / (1 << 20), 1), " MiB, ", fixed(secs, 1),
                  " s; load it with torch.jit.load after torch.ops.load_library(\"libqlora_ops.so\")"));
     return kExitOk;
   };

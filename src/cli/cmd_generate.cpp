@@ -35,14 +35,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::string fixed(double v, int digits) {
-  std::ostringstream s;
-  s << std::fixed;
-  s.precision(digits);
-  s << v;
-  return s.str();
-}
-
 std::vector<int32_t> parse_ids(const std::string& text) {
   std::vector<int32_t> ids;
   std::stringstream in(text);

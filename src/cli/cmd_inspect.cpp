@@ -21,6 +21,7 @@
 #include "cli/commands.h"
 #include "qlora/bnb4bit.h"
 #include "qlora/error.h"
+#include "qlora/log.h"
 #include "qlora/hf_config.h"
 #include "qlora/model.h"  // ModelLoadOptions: the defaults the memory estimate assumes (header only)
 #include "qlora/safetensors.h"
@@ -42,12 +43,6 @@ std::string with_commas(int64_t v) {
     s += digits[i];
   }
   return s;
-}
-
-std::string fixed(double v, int digits) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.*f", digits, v);
-  return buf;
 }
 
 // 8030261248 -> "8.03 B" (the way model sizes are quoted)

@@ -16,12 +16,6 @@ namespace qlora::cli {
 
 namespace {
 
-std::string fixed(double v, int digits) {
-  std::ostringstream s;
-  s << std::fixed << std::setprecision(digits) << v;
-  return s.str();
-}
-
 }  // namespace
 
 CommandFn add_preprocess_command(CLI::App& app) {

@@ -96,12 +96,6 @@ int64_t peak_memory_bytes(const at::Device& device) {
   return 0;
 }
 
-std::string fixed(double v, int digits) {
-  std::ostringstream s;
-  s << std::fixed << std::setprecision(digits) << v;
-  return s.str();
-}
-
 std::string sci(double v) {
   std::ostringstream s;
   s << std::scientific << std::setprecision(2) << v;
