@@ -175,10 +175,7 @@ TEST_CASE("eval command: argument errors are one line and exit 2", "[eval]") {
   qlora::test::write_trainer_fixture(d.path);
   const std::string model = (d / "model").string(), data = (d / "data.jsonl").string();
   auto one_line_error = [](const std::string& args, const std::string& needle) {
-    const qlora::test::Run r = run_qlora(args);
-    CAPTURE(args, r.output);
-    CHECK(r.status == 2);
-    CHECK_THAT(r.output, ContainsSubstring(needle));
+    const qlora::test::Run r = qlora::test::expect_user_error(args, needle);
     CHECK(std::count(r.output.begin(), r.output.end(), '\n') == 1);
   };
   one_line_error("eval " + model + " --data " + (d / "missing.jsonl").string(), "no such file");

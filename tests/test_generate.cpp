@@ -460,10 +460,7 @@ TEST_CASE("generate command: argument errors are one line and exit 2", "[generat
   write_model(d / "model", shapes()[0]);
   const std::string model = (d / "model").string();
   auto one_line_error = [](const std::string& args, const std::string& needle) {
-    const qlora::test::Run r = run_qlora(args);
-    CAPTURE(args, r.output);
-    CHECK(r.status == 2);
-    CHECK_THAT(r.output, ContainsSubstring(needle));
+    const qlora::test::Run r = qlora::test::expect_user_error(args, needle);
     CHECK(std::count(r.output.begin(), r.output.end(), '\n') == 1);
   };
   one_line_error("generate " + (d / "missing").string() + " --prompt hi", "does not exist");

@@ -345,20 +345,14 @@ TEST_CASE("gguf export: the qlora binary (gguf, safetensors, and user errors wit
   CHECK(r.status == 0);
   CHECK(qlora::load_hf_config(d / "st").torch_dtype == "float16");
 
-  auto expect_user_error = [&](const std::string& args, const std::string& text) {
-    const auto e = qlora::test::run_qlora(args);
-    INFO(args << "\n" << e.output);
-    CHECK(e.status == 2);
-    CHECK_THAT(e.output, ContainsSubstring(text));
-  };
-  expect_user_error("export --format gguf " + base + " --out " + (d / "x.gguf").string() + " --type q5_k",
+  qlora::test::expect_user_error("export --format gguf " + base + " --out " + (d / "x.gguf").string() + " --type q5_k",
                     "--type: expected f16, bf16, q8_0, q4_0 or f32, found 'q5_k'");
-  expect_user_error("export --format gguf " + base + " --adapter " + (d / "none").string() + " --out " + (d / "x.gguf").string(),
+  qlora::test::expect_user_error("export --format gguf " + base + " --adapter " + (d / "none").string() + " --out " + (d / "x.gguf").string(),
                     "adapter directory does not exist");
-  expect_user_error("export --format gguf " + base + " --out " + (d / "x.gguf").string() + " --dtype bf16", "--dtype does not apply");
-  expect_user_error("export --format safetensors " + base + " --out " + (d / "st").string(), "not empty");
-  expect_user_error("export --format safetensors " + base + " --out " + (d / "y").string() + " --dtype int4",
+  qlora::test::expect_user_error("export --format gguf " + base + " --out " + (d / "x.gguf").string() + " --dtype bf16", "--dtype does not apply");
+  qlora::test::expect_user_error("export --format safetensors " + base + " --out " + (d / "st").string(), "not empty");
+  qlora::test::expect_user_error("export --format safetensors " + base + " --out " + (d / "y").string() + " --dtype int4",
                     "expected bf16, fp16 or fp32, found 'int4'");
-  expect_user_error("export --format onnx " + base + " --out " + (d / "y").string(), "--format");
+  qlora::test::expect_user_error("export --format onnx " + base + " --out " + (d / "y").string(), "--format");
   CHECK(!fs::exists(d / "x.gguf"));
 }

@@ -272,20 +272,13 @@ TEST_CASE("merge: the qlora binary (success, and user errors with exit status 2)
   CHECK(r.status == 0);
   CHECK(fs::exists(d / "out" / "model.safetensors"));
 
-  auto expect_user_error = [&](const std::string& args, const std::string& text) {
-    const auto e = qlora::test::run_qlora(args);
-    INFO(args << "\n" << e.output);
-    CHECK(e.status == 2);
-    CHECK_THAT(e.output, ContainsSubstring(text));
-    CHECK(e.output.find("terminate") == std::string::npos);
-  };
-  expect_user_error("merge " + base + " --adapter " + (d / "missing").string() + " --out " + (d / "o").string(),
+  qlora::test::expect_user_error("merge " + base + " --adapter " + (d / "missing").string() + " --out " + (d / "o").string(),
                     "adapter directory does not exist");
-  expect_user_error("merge " + base + " --adapter " + adapter + " --out " + (d / "out").string(), "not empty");
-  expect_user_error("merge " + base + " --adapter " + adapter + " --out " + (d / "o").string() + " --dtype int8",
+  qlora::test::expect_user_error("merge " + base + " --adapter " + adapter + " --out " + (d / "out").string(), "not empty");
+  qlora::test::expect_user_error("merge " + base + " --adapter " + adapter + " --out " + (d / "o").string() + " --dtype int8",
                     "--dtype: expected bf16, fp16 or fp32, found 'int8'");
-  expect_user_error("merge " + base + " --adapter " + adapter + " --out " + (d / "o").string() + " --requantize q4",
+  qlora::test::expect_user_error("merge " + base + " --adapter " + adapter + " --out " + (d / "o").string() + " --requantize q4",
                     "--requantize: expected nf4");
-  expect_user_error("merge " + base + " --out " + (d / "o").string(), "expected --adapter");
+  qlora::test::expect_user_error("merge " + base + " --out " + (d / "o").string(), "expected --adapter");
   CHECK(!fs::exists(d / "o"));
 }

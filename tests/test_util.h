@@ -1,7 +1,8 @@
 // Helpers shared by the Catch2 tests: a temporary directory removed at scope exit, whole-file
-// read/write, and running the real qlora binary (exit status + combined output).
+// read/write, and running the real qlora binary (exit status + combined output, user errors).
 #pragma once
 #include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
 
 #include <sys/wait.h>
 #include <unistd.h>
@@ -58,6 +59,17 @@ inline Run run_qlora(const std::string& args) {
   while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
   const int st = pclose(p);
   r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  return r;
+}
+
+// `qlora ARGS` fails as a user error: exit status 2, `text` in the output, no C++ abort. Returns
+// the run for further checks (e.g. that the error is one line).
+inline Run expect_user_error(const std::string& args, const std::string& text) {
+  const Run r = run_qlora(args);
+  INFO(args << "\n" << r.output);
+  CHECK(r.status == 2);
+  CHECK_THAT(r.output, Catch::Matchers::ContainsSubstring(text));
+  CHECK(r.output.find("terminate") == std::string::npos);
   return r;
 }
 

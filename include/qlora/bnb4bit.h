@@ -70,4 +70,11 @@ struct QuantizeSummary {
 QuantizeSummary quantize_checkpoint(const std::filesystem::path& in_dir, const std::filesystem::path& out_dir,
                                     const QuantizeOptions& options);
 
+// Copies, each atomically, the files that travel with a Hugging Face model besides its weights and
+// config.json (tokenizer*, special_tokens_map.json, added_tokens.json, vocab.json, merges.txt,
+// chat_template.json/.jinja, generation_config.json) from `from_dir` into `to_dir`; returns their
+// names. Used by qlora quantize and qlora merge, whose outputs transformers loads with the tokenizer.
+std::vector<std::string> copy_companion_files(const std::filesystem::path& from_dir,
+                                              const std::filesystem::path& to_dir);
+
 }  // namespace qlora

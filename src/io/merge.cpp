@@ -27,27 +27,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// Files that travel with a model besides its weights and config.json (tokenizer, chat template,
-// generation defaults); transformers' AutoTokenizer reads them from the merged folder.
-bool is_companion_file(const std::string& f) {
-  static const std::set<std::string> names = {"generation_config.json", "special_tokens_map.json", "added_tokens.json",
-                                              "vocab.json", "merges.txt", "chat_template.json", "chat_template.jinja"};
-  return names.count(f) || f.rfind("tokenizer", 0) == 0;
-}
-
-std::string read_whole_file(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  if (!in) throw UserError(p.string() + ": cannot open");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-std::string mb(int64_t bytes) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.1f MB", static_cast<double>(bytes) / 1e6);
-  return buf;
-}
 
 // An absolute path without a trailing separator, so that parent_path/filename name the folder.
 fs::path clean_dir(const fs::path& p) {
@@ -274,12 +253,7 @@ MergeSummary save_merged_checkpoint(const LlamaWeights& model, const LoraModel* 
     save_hf_config(staging / "config.json", merged_config(model.config, opt.dtype, opt.requantize_nf4));
     sum.files_written.push_back("config.json");
     if (fs::is_directory(base)) {
-      for (const auto& de : fs::directory_iterator(base)) {
-        const std::string f = de.path().filename().string();
-        if (!de.is_regular_file() || !is_companion_file(f)) continue;
-        write_file_atomic(staging / f, read_whole_file(de.path()));
-        sum.files_written.push_back(f);
-      }
+      for (const std::string& f : copy_companion_files(base, staging)) sum.files_written.push_back(f);
     } else {
       log_warn(cat("merge: the base is a GGUF file: no tokenizer files are written to ", out_dir.string(),
                    " (transformers needs them next to the weights)"));
@@ -292,7 +266,7 @@ MergeSummary save_merged_checkpoint(const LlamaWeights& model, const LoraModel* 
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   log_info(cat("merge: ", sum.merged, " adapted projections merged, ", sum.tensors, " tensors (",
-               opt.requantize_nf4 ? "NF4 + " : "", torch_dtype_name(opt.dtype), ", ", mb(sum.bytes), ") in ", n_shards,
+               opt.requantize_nf4 ? "NF4 + " : "", torch_dtype_name(opt.dtype), ", ", fixed(static_cast<double>(sum.bytes) / 1e6, 1), " MB", ") in ", n_shards,
                n_shards == 1 ? " file" : " shards", " -> ", out_dir.string(), " in ", secs, " s"));
   return sum;
 }

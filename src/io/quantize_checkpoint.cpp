@@ -45,11 +45,6 @@ std::string read_file(const fs::path& p) {
 
 bool dir_is_empty(const fs::path& p) { return fs::directory_iterator(p) == fs::directory_iterator(); }
 
-std::string mb(int64_t bytes) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.1f MB", static_cast<double>(bytes) / 1e6);
-  return buf;
-}
 
 }  // namespace
 
@@ -151,12 +146,7 @@ QuantizeSummary quantize_checkpoint(const fs::path& in_dir, const fs::path& out_
   write_file_atomic(out_dir / "config.json", cj.dump(2) + "\n");
   sum.files_written.push_back("config.json");
 
-  for (const auto& de : fs::directory_iterator(in_dir)) {
-    const std::string f = de.path().filename().string();
-    if (!de.is_regular_file() || !is_companion_file(f)) continue;
-    write_file_atomic(out_dir / f, read_file(de.path()));
-    sum.files_written.push_back(f);
-  }
+  for (const std::string& f : copy_companion_files(in_dir, out_dir)) sum.files_written.push_back(f);
 
   // With --force, weight files of an earlier run that this run did not write would contradict
   // the new index (or shadow model.safetensors): remove those, and only those.
@@ -173,8 +163,19 @@ QuantizeSummary quantize_checkpoint(const fs::path& in_dir, const fs::path& out_
       }
     }
   }
-  log_info(cat("quantize: ", sum.quantized, " weights quantized, ", sum.kept, " tensors kept; ", mb(sum.bytes_in), " -> ", mb(sum.bytes_out)));
+  log_info(cat("quantize: ", sum.quantized, " weights quantized, ", sum.kept, " tensors kept; ", fixed(static_cast<double>(sum.bytes_in) / 1e6, 1), " MB", " -> ", fixed(static_cast<double>(sum.bytes_out) / 1e6, 1), " MB"));
   return sum;
+}
+
+std::vector<std::string> copy_companion_files(const fs::path& from_dir, const fs::path& to_dir) {
+  std::vector<std::string> copied;
+  for (const auto& de : fs::directory_iterator(from_dir)) {
+    const std::string f = de.path().filename().string();
+    if (!de.is_regular_file() || !is_companion_file(f)) continue;
+    write_file_atomic(to_dir / f, read_file(de.path()));
+    copied.push_back(f);
+  }
+  return copied;
 }
 
 }  // namespace qlora
