@@ -25,18 +25,6 @@ bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-// HF per-layer module names -> llama.cpp's.
-const std::map<std::string, std::string>& layer_names() {
-  static const std::map<std::string, std::string> m = {
-      {"input_layernorm", "attn_norm"},     {"post_attention_layernorm", "ffn_norm"},
-      {"self_attn.q_proj", "attn_q"},       {"self_attn.k_proj", "attn_k"},
-      {"self_attn.v_proj", "attn_v"},       {"self_attn.o_proj", "attn_output"},
-      {"mlp.gate_proj", "ffn_gate"},        {"mlp.up_proj", "ffn_up"},
-      {"mlp.down_proj", "ffn_down"},
-  };
-  return m;
-}
-
 // The model's name for general.name: a GGUF base's own general.name, else the folder's name.
 std::string base_name(const fs::path& base) {
   if (is_gguf_path(base)) {
@@ -76,27 +64,6 @@ std::string gguf_architecture(const HFConfig& c) {
   if (c.model_type == "llama" || c.model_type == "mistral") return "llama";
   if (c.model_type == "qwen2") return "qwen2";
   throw UserError("gguf export: model_type '" + c.model_type + "' is not supported (supported: llama, mistral, qwen2)");
-}
-
-std::string hf_tensor_name_to_gguf(const std::string& hf) {
-  if (hf == "model.embed_tokens.weight") return "token_embd.weight";
-  if (hf == "model.norm.weight") return "output_norm.weight";
-  if (hf == "lm_head.weight") return "output.weight";
-  const std::string prefix = "model.layers.";
-  if (hf.rfind(prefix, 0) != 0) return "";
-  const size_t dot = hf.find('.', prefix.size());
-  if (dot == std::string::npos || dot == prefix.size()) return "";
-  const std::string layer = hf.substr(prefix.size(), dot - prefix.size());
-  for (char ch : layer)
-    if (ch < '0' || ch > '9') return "";
-  std::string rest = hf.substr(dot + 1), suffix;
-  if (ends_with(rest, ".weight")) suffix = ".weight";
-  else if (ends_with(rest, ".bias")) suffix = ".bias";
-  else return "";
-  rest = rest.substr(0, rest.size() - suffix.size());
-  const auto it = layer_names().find(rest);
-  if (it == layer_names().end()) return "";
-  return "blk." + layer + "." + it->second + suffix;
 }
 
 at::Tensor gguf_permute_qk(const at::Tensor& w, int64_t n_head) {

@@ -19,6 +19,7 @@
 #include <sstream>
 
 #include "model/internal.h"
+#include "qlora/gguf_export.h"
 #include "qlora/shape_str.h"
 #include "qlora/error.h"
 #include "qlora/ggml_quants.h"
@@ -34,7 +35,8 @@ using nlohmann::json;
 
 namespace {
 
-// llama.cpp per-layer names -> HF names (suffix .weight / .bias appended by the caller).
+// llama.cpp per-layer names -> HF names (suffix .weight / .bias appended by the caller); read
+// both ways: loading GGUF files here, writing them in gguf_export.cpp (hf_tensor_name_to_gguf).
 const std::map<std::string, std::string>& layer_names() {
   static const std::map<std::string, std::string> m = {
       {"attn_norm", "input_layernorm"},     {"ffn_norm", "post_attention_layernorm"},
@@ -91,6 +93,27 @@ std::string gguf_tensor_name_to_hf(const std::string& name) {
   if (it == layer_names().end()) return "";
   if (suffix == ".bias" && (base == "attn_norm" || base == "ffn_norm")) return "";
   return "model.layers." + layer + "." + it->second + suffix;
+}
+
+std::string hf_tensor_name_to_gguf(const std::string& hf) {
+  if (hf == "model.embed_tokens.weight") return "token_embd.weight";
+  if (hf == "model.norm.weight") return "output_norm.weight";
+  if (hf == "lm_head.weight") return "output.weight";
+  const std::string prefix = "model.layers.";
+  if (hf.rfind(prefix, 0) != 0) return "";
+  const size_t dot = hf.find('.', prefix.size());
+  if (dot == std::string::npos || dot == prefix.size()) return "";
+  const std::string layer = hf.substr(prefix.size(), dot - prefix.size());
+  for (char ch : layer)
+    if (ch < '0' || ch > '9') return "";
+  std::string rest = hf.substr(dot + 1), suffix;
+  if (ends_with(rest, ".weight")) suffix = ".weight";
+  else if (ends_with(rest, ".bias")) suffix = ".bias";
+  else return "";
+  rest = rest.substr(0, rest.size() - suffix.size());
+  for (const auto& [gguf, hf_module] : layer_names())
+    if (hf_module == rest) return "blk." + layer + "." + gguf + suffix;
+  return "";
 }
 
 HFConfig hf_config_from_gguf(const GgufFile& g) {
