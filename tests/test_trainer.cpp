@@ -154,6 +154,34 @@ TEST_CASE("trainer: activation checkpointing equals the plain graph, with LoRA d
   for (size_t i = 0; i < on.params.size(); ++i) CHECK(max_abs_diff(on.params[i], off.params[i]) <= 1e-6);
 }
 
+TEST_CASE("trainer: checkpointing only the first N layers equals the plain graph, with LoRA dropout", "[train]") {
+  TempDir d("qlora_train");
+  write_fixture(d.path);
+  qlora::TrainerOptions o;
+  o.write_outputs = false;
+  const std::vector<std::string> common = {"lora_dropout=0.1", "micro_batch_size=2", "gradient_accumulation_steps=2"};
+  auto off_cfg = common;
+  off_cfg.push_back("gradient_checkpointing=false");
+  qlora::Trainer off = qlora::make_trainer(config(d.path, off_cfg), o);
+  const int64_t layers = static_cast<int64_t>(off.model.layers.size());
+  REQUIRE(layers >= 2);
+  at::manual_seed(123);
+  std::vector<double> ref;
+  for (int s = 0; s < 3; ++s) ref.push_back(qlora::train_step(off).loss);
+  for (const int64_t n : {int64_t{0}, int64_t{1}, layers - 1, layers + 5}) {
+    CAPTURE(n);
+    auto cfg = common;
+    cfg.push_back("gradient_checkpointing=true");
+    cfg.push_back("gradient_checkpointing_layers=" + std::to_string(n));
+    qlora::Trainer t = qlora::make_trainer(config(d.path, cfg), o);
+    at::manual_seed(123);
+    for (int s = 0; s < 3; ++s) CHECK(std::abs(qlora::train_step(t).loss - ref[s]) <= 1e-6);
+    for (size_t i = 0; i < t.params.size(); ++i) CHECK(max_abs_diff(t.params[i], off.params[i]) <= 1e-6);
+  }
+  // Below -1 is a config error naming the key.
+  CHECK_THROWS_WITH(config(d.path, {"gradient_checkpointing_layers=-2"}), ContainsSubstring("gradient_checkpointing_layers"));
+}
+
 TEST_CASE("trainer: activation offloading to pinned memory equals keeping the inputs on the GPU", "[train][cuda]") {
   QLORA_REQUIRE_CUDA();
   TempDir d("qlora_train");

@@ -69,6 +69,9 @@ struct TrainBenchOptions {
   bool seq_search = false;   // find the longest --seq that trains (doubling until out of memory)
   int64_t max_seq = 262144;
   double gpu_memory_limit = 0;  // GiB the caching allocator may hold (an 80 GB card's budget on a larger one)
+  int64_t checkpoint_layers = -1;  // gradient_checkpointing_layers: the first N layers recompute (-1: all)
+  bool no_fused_kernels = false;   // fused_kernels: false (the ATen ops instead of the fused kernels)
+  int top_kernels = 8;             // the profiled step's most expensive "other" kernels, by name
   std::shared_ptr<const BenchRunOptions> run;
 };
 
@@ -122,7 +125,8 @@ std::string kernel_kind(const std::string& name) {
 #ifdef QLORA_WITH_CUDA
 // Device time per kernel kind (ms) over one call of fn, from the Kineto profiler; "GPU idle" and
 // "wall" (ms) added.
-std::map<std::string, double> profile_step(const std::function<void()>& fn) {
+std::map<std::string, double> profile_step(const std::function<void()>& fn,
+                                           std::map<std::string, double>& other_by_name) {
   namespace prof = torch::autograd::profiler;
   using torch::profiler::impl::ActivityType;
   const torch::profiler::impl::ProfilerConfig cfg(torch::profiler::impl::ProfilerState::KINETO);
@@ -142,7 +146,9 @@ std::map<std::string, double> profile_step(const std::function<void()>& fn) {
     // CPU-side events (deviceType CPU) are skipped.
     if (e.deviceType() != c10::DeviceType::CUDA) continue;
     const double t = static_cast<double>(e.durationNs()) / 1e6;
-    ms[kernel_kind(e.name())] += t;
+    const std::string kind = kernel_kind(e.name());
+    ms[kind] += t;
+    if (kind == "other kernels") other_by_name[e.name()] += t;
     kernels += t;
   }
   ms["GPU idle"] = wall - kernels;
@@ -159,6 +165,7 @@ struct Measurement {
   int64_t peak_bytes = 0;
   FlopsPerToken flops;
   std::map<std::string, double> split;  // CUDA time split (empty when not profiled)
+  std::map<std::string, double> other_by_name;  // ms of each "other" kernel name in the profiled step
 };
 
 Measurement measure(const TrainConfig& base_config, const LlamaWeights& model, int64_t seq, int64_t batch, int steps,
@@ -211,7 +218,7 @@ Measurement measure(const TrainConfig& base_config, const LlamaWeights& model, i
   if (device.is_cuda()) {
     const auto st = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
     m.peak_bytes = st.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
-    if (profile) m.split = profile_step([&] { train_step(t); });
+    if (profile) m.split = profile_step([&] { train_step(t); }, m.other_by_name);
   }
 #else
   (void)profile;
@@ -249,6 +256,8 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
   config.lr_scheduler = LrScheduler::constant;
   config.gradient_checkpointing = true;
   config.activation_offloading = o.offload;
+  config.gradient_checkpointing_layers = o.checkpoint_layers;
+  config.fused_kernels = !o.no_fused_kernels;
   config.gpu_memory_limit = o.gpu_memory_limit;
   config.device = r.device;
   config.seed = static_cast<int64_t>(r.seed);
@@ -280,12 +289,15 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
   const double build_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_build).count();
   const char* dtype_label = mo.compute_dtype == at::kBFloat16 ? "bf16" : mo.compute_dtype == at::kHalf ? "fp16" : "fp32";
   std::printf("qlora bench train --shape %s on %s: %s base, compute %s, LoRA r %d (alpha %d) on all 7 projections, "
-              "batch %lld, gradient checkpointing%s; model built in %.1f s\n",
+              "batch %lld, gradient checkpointing%s%s%s; model built in %.1f s\n",
               o.shape.c_str(), device_name.c_str(), mo.load_in_4bit ? "NF4" : "16-bit", dtype_label, o.rank, 2 * o.rank,
-              static_cast<long long>(r.batch), o.offload ? " + activation offloading" : "", build_s);
+              static_cast<long long>(r.batch),
+              o.checkpoint_layers >= 0 ? (" of the first " + std::to_string(o.checkpoint_layers) + " layers").c_str() : "",
+              o.offload ? " + activation offloading" : "", o.no_fused_kernels ? ", fused kernels off" : "", build_s);
   std::fflush(stdout);
   json out = {{"shape", o.shape}, {"device", device_name}, {"dtype", dtype_label}, {"nf4", mo.load_in_4bit},
-              {"rank", o.rank},   {"batch", r.batch},      {"offload", o.offload}};
+              {"rank", o.rank},   {"batch", r.batch},      {"offload", o.offload},
+              {"checkpoint_layers", o.checkpoint_layers}, {"fused_kernels", !o.no_fused_kernels}};
 
   if (o.seq_search) {
     // The longest sequence that trains: doubling from --seq until a step runs out of memory.
@@ -353,6 +365,19 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
       js["wall"] = wall;
       out["time_split_ms"] = js;
       std::printf("    (loss: the cross-entropy kernel; the lm_head GEMMs of the loss are under gemm)\n");
+      if (o.top_kernels > 0 && !m.other_by_name.empty()) {
+        std::vector<std::pair<double, std::string>> top;
+        for (const auto& [name, ms] : m.other_by_name) top.emplace_back(ms, name);
+        std::sort(top.rbegin(), top.rend());
+        if (top.size() > static_cast<size_t>(o.top_kernels)) top.resize(static_cast<size_t>(o.top_kernels));
+        std::printf("  the most expensive other kernels:\n");
+        json jt = json::array();
+        for (const auto& [ms, name] : top) {
+          std::printf("    %9.2f ms  %.110s\n", ms, name.c_str());
+          jt.push_back({{"kernel", name}, {"ms", ms}});
+        }
+        out["top_other_kernels"] = jt;
+      }
     }
   }
   std::fflush(stdout);
@@ -381,6 +406,12 @@ BenchTrainFn add_bench_train_options(CLI::App& bench, std::shared_ptr<const Benc
   bench.add_flag("--seq-search", st->seq_search,
                  "train: the longest sequence that trains: from --seq, doubling until a step runs out of GPU memory");
   bench.add_option("--max-seq", st->max_seq, "train: where --seq-search stops")->capture_default_str();
+  bench.add_option("--checkpoint-layers", st->checkpoint_layers,
+                   "train: only the first N layers recompute in backward (gradient_checkpointing_layers); -1: all")
+      ->capture_default_str();
+  bench.add_flag("--no-fused-kernels", st->no_fused_kernels, "train: the ATen ops instead of the fused RMSNorm/SwiGLU kernels");
+  bench.add_option("--top-kernels", st->top_kernels, "train: list the N most expensive 'other' kernels of the profiled step")
+      ->capture_default_str();
   bench.add_option("--gpu-memory-limit", st->gpu_memory_limit,
                    "train: GiB the CUDA caching allocator may hold (as the gpu_memory_limit config key)");
   return [st](const std::string& dtype, const std::string& json_path) { return run_bench_train(*st, dtype, json_path); };

@@ -224,6 +224,11 @@ const std::vector<KeySpec>& key_table() {
       bool_key("gradient_checkpointing", &TrainConfig::gradient_checkpointing, "recompute each layer in backward instead of keeping activations"),
       bool_key("activation_offloading", &TrainConfig::activation_offloading,
                "with gradient_checkpointing: keep each layer's input in pinned CPU memory, not on the GPU (axolotl's name)"),
+      int_key("gradient_checkpointing_layers", &TrainConfig::gradient_checkpointing_layers, -1, 1 << 20,
+              "with gradient_checkpointing: only the first N layers recompute in backward, the others keep their "
+              "activations (faster, more memory); -1: every layer"),
+      bool_key("fused_kernels", &TrainConfig::fused_kernels,
+               "CUDA: fused RMSNorm and SwiGLU kernels in the layer loop (false: the same math as separate ATen ops)"),
       float_key("gpu_memory_limit", &TrainConfig::gpu_memory_limit, 0, 1e6, false, false,
                 "GiB of GPU memory this run may use (the caching allocator's cap; 0: no cap), e.g. 15 to rehearse a 16 GB T4"),
       bool_key("fsdp_reshard_after_forward", &TrainConfig::fsdp_reshard_after_forward,

@@ -83,7 +83,8 @@ at::Tensor nf4_lora_linear_op(const at::Tensor& x, const at::Tensor& packed, con
   at::Tensor y = at::linear(x, W, bias);
   if (has(A)) {
     const at::Tensor u = at::linear(x, A->to(dtype));
-    y.add_(at::linear(u, B->to(dtype)).mul_(scale));
+    const int64_t r = A->size(0), out = B->size(0);
+    y.view({-1, out}).addmm_(u.reshape({-1, r}), B->to(dtype).t(), /*beta=*/1, /*alpha=*/scale);
   }
   return y;
 }
@@ -156,7 +157,7 @@ struct NF4LoraLinearFunction : public torch::autograd::Function<NF4LoraLinearFun
       if (need_dx || need_dA) {
         const at::Tensor du = at::mm(g2, B.to(dtype)).mul_(scale);  // [N, r]
         if (need_dA) dA = at::mm(du.t(), x.reshape_symint({-1, in})).to(A.scalar_type());
-        if (need_dx) dx.add_(at::mm(du, A.to(dtype)).view_symint(dx.sym_sizes()));
+        if (need_dx) dx.view_symint({-1, in}).addmm_(du, A.to(dtype));
       }
     }
     variable_list grads(12);  // x, A, B, packed, absmax, absmax2, code2, offset, bias, blocksize, shape, scale

@@ -22,6 +22,7 @@
 #include "data/tokenizer_internal.h"
 #include "qlora/checkpoint.h"
 #include "qlora/error.h"
+#include "qlora/fused_layer.h"
 #include "qlora/log.h"
 #include "qlora/metrics.h"
 #include "qlora/safetensors.h"
@@ -197,6 +198,7 @@ Trainer make_trainer(const TrainConfig& config, const TrainerOptions& options, s
   }
 #endif
   t.compute_dtype = resolve_compute_dtype(config, t.device);
+  set_fused_kernels(config.fused_kernels);
   const bool sharded = comm != nullptr;
   t.comm = sharded ? std::move(comm) : make_single_rank_collective();
   at::manual_seed(static_cast<uint64_t>(config.seed));  // dropout masks: same seed, same curve
@@ -287,6 +289,9 @@ Trainer make_trainer(const TrainConfig& config, const TrainerOptions& options, s
                " trainable parameters; ", t.total_steps, " steps of ", t.world() > 1 ? cat(t.world(), " ranks x ") : std::string(),
                ga, " x ", config.micro_batch_size, " micro-batches, lr ", config.learning_rate, " (", to_string(t.schedule.kind), ", warmup ",
                t.schedule.warmup_steps, ")", config.gradient_checkpointing ? ", gradient checkpointing" : "",
+               config.gradient_checkpointing && config.gradient_checkpointing_layers >= 0
+                   ? cat(" (first ", config.gradient_checkpointing_layers, " layers recomputed)")
+                   : std::string(),
                config.activation_offloading ? " (layer inputs offloaded to pinned CPU memory)" : "",
                t.scaler ? ", dynamic loss scaling" : ""));
   return t;

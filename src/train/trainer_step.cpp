@@ -6,6 +6,7 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <mutex>
@@ -115,17 +116,26 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
     return host;
   };
   auto restore = [&](const at::Tensor& x) { return offload ? x.to(m.device, /*non_blocking=*/true) : x; };
-  std::vector<at::Tensor> inputs(L), rng(L);
+  // Layers [0, recomputed) are checkpointed as above; the others (gradient_checkpointing_layers)
+  // keep their autograd graphs from this forward, trading memory for their recompute. A kept
+  // layer's input is a leaf (its gradient is the next dh) and it stays gathered when sharded.
+  const int64_t n_ckpt = t.config.gradient_checkpointing_layers;
+  const size_t recomputed = n_ckpt < 0 ? L : std::min(L, static_cast<size_t>(n_ckpt));
+  std::vector<at::Tensor> inputs(L), rng(L), outputs(L);
   at::Tensor h = h0;
-  {
-    at::NoGradGuard no_grad;
-    for (size_t i = 0; i < L; ++i) {
-      unshard(i, i + 1);  // all-gather layer i's NF4 bytes + LoRA shards; prefetch layer i + 1
+  for (size_t i = 0; i < L; ++i) {
+    unshard(i, i + 1);  // all-gather layer i's NF4 bytes + LoRA shards; prefetch layer i + 1
+    if (i < recomputed) {
+      at::NoGradGuard no_grad;
       inputs[i] = keep(h);
       rng[i] = get_rng(m.device);
       h = decoder_layer(h, m.layers[i], m, attn, t.scratch, &t.lora.layers[i], true);
       if (fsdp && fsdp->options.reshard_after_forward && i + 1 < L) reshard_layer(*fsdp, i);
       // (the last layer stays gathered: the backward starts with it)
+    } else {
+      inputs[i] = h.detach().requires_grad_(i > 0);
+      outputs[i] = decoder_layer(inputs[i], m.layers[i], m, attn, t.scratch, &t.lora.layers[i], true);
+      h = outputs[i].detach();
     }
   }
   const at::Tensor rng_after_forward = get_rng(m.device);
@@ -136,12 +146,19 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
   (loss_multiplier == 1.0 ? loss : loss * loss_multiplier).backward();
   at::Tensor dh = h_last.grad();
 
-  // Backward layer by layer: recompute layer i from h_i with grad on, backward dh, pass dh_i down.
+  // Backward layer by layer: recompute layer i from h_i with grad on (or take its kept graph),
+  // backward dh, pass dh_i down.
   for (size_t k = L; k-- > 0;) {
     unshard(k, k - 1);  // prefetch in backward order (k - 1 wraps past 0 for k = 0: no layer, no-op)
-    const at::Tensor hin = restore(inputs[k]).detach().requires_grad_(k > 0);
-    set_rng(m.device, rng[k]);  // the same dropout masks as the forward (preserve_rng_state)
-    const at::Tensor out = decoder_layer(hin, m.layers[k], m, attn, t.scratch, &t.lora.layers[k], true);
+    at::Tensor hin, out;
+    if (k < recomputed) {
+      hin = restore(inputs[k]).detach().requires_grad_(k > 0);
+      set_rng(m.device, rng[k]);  // the same dropout masks as the forward (preserve_rng_state)
+      out = decoder_layer(hin, m.layers[k], m, attn, t.scratch, &t.lora.layers[k], true);
+    } else {
+      hin = inputs[k];
+      out = std::move(outputs[k]);
+    }
     torch::autograd::backward({out}, {dh});
     if (fsdp) {
       reduce_scatter_layer_grads(*fsdp, k, t.params);  // sum over ranks into the local shards' grads

@@ -4,17 +4,16 @@
 
 (a) torch.library.opcheck on every qlora op (schema, autograd registration, fake tensors,
     AOT dispatch with dynamic shapes), odd sizes, requires_grad inputs where differentiable;
-(b) a Llama decoder block written here in plain PyTorch on our ops -- RMSNorm, rotary (HF
+(b) a Llama decoder block written here in plain PyTorch on our ops -- qlora.rms_norm, rotary (HF
     half-split), GQA causal SDPA, qlora.nf4_lora_linear for all seven projections (base weights
-    from qlora.nf4_quantize), SwiGLU -- then the final norm and qlora.fused_linear_cross_entropy
+    from qlora.nf4_quantize), qlora.swiglu -- then the final norm and qlora.fused_linear_cross_entropy
     with an lm_head, compiled with torch.compile(fullgraph=True, dynamic=True) (inductor) and run
     as a training step for sequence lengths 128, 256, 384, 512: 0 graph breaks, <= 30 compilations,
     loss and every LoRA gradient equal to eager within the tolerance below.
 
 Tolerance, compiled vs eager, as max |diff| / max |eager| per tensor (the loss; each LoRA
 gradient): fp32 (CPU default) 1e-5; bf16 compute with fp32 LoRA masters (CUDA default) 5e-2
-(inductor fuses the bf16 norm / rotary / SwiGLU arithmetic in fp32 where eager rounds each op to
-bf16).
+(inductor fuses the bf16 rotary arithmetic in fp32 where eager rounds each op to bf16).
 
     python tests/compile/test_compile.py --lib build/libqlora_ops.so [--device cuda]
 Exit status: 0 pass, 1 a check failed, 77 (skipped) when the library or a module is missing.
@@ -110,6 +109,18 @@ def opchecks(dev, dt):
     run_opcheck("_fused_linear_cross_entropy_bwd", q._fused_linear_cross_entropy_bwd.default,
                 (torch.rand(n * 3, device=dev), x, w, labels, -100, 1.0, 0.0, 0.0, 8, True, False))
 
+    # Fused RMSNorm / SwiGLU (odd sizes: the scalar paths; multiples of 8: the vector paths on CUDA).
+    for hidden in (37, 64):
+        x, w = rnd(3, 5, hidden, grad=True), 1 + 0.1 * rnd(hidden)
+        run_opcheck(f"rms_norm hidden={hidden}", q.rms_norm.default, (x, w, 1e-5))
+        out, rstd = q._rms_norm_fwd(x.detach(), w, 1e-5)
+        run_opcheck(f"_rms_norm_fwd hidden={hidden}", q._rms_norm_fwd.default, (x.detach(), w, 1e-5))
+        run_opcheck(f"_rms_norm_bwd hidden={hidden}", q._rms_norm_bwd.default, (rnd(3, 5, hidden), x.detach(), w, rstd))
+        gate, up = rnd(3, 5, hidden, scale=3.0, grad=True), rnd(3, 5, hidden, grad=True)
+        run_opcheck(f"swiglu n={3 * 5 * hidden}", q.swiglu.default, (gate, up))
+        run_opcheck(f"_swiglu_bwd n={3 * 5 * hidden}", q._swiglu_bwd.default,
+                    (rnd(3, 5, hidden), gate.detach(), up.detach()))
+
 
 # ---- (b) a Llama decoder block on our ops ------------------------------------------------------
 
@@ -139,9 +150,7 @@ class NF4LoraLinear(torch.nn.Module):
 
 
 def rms_norm(x, w, eps=1e-5):
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return w * h.to(x.dtype)
+    return torch.ops.qlora.rms_norm(x, w, eps)
 
 
 def rotate_half(x):
@@ -182,7 +191,7 @@ class LlamaBlockLM(torch.nn.Module):
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         h = h + p["o_proj"](a.transpose(1, 2).reshape(bsz, t, -1))
         x = rms_norm(h, self.norm_post)
-        h = h + p["down_proj"](F.silu(p["gate_proj"](x)) * p["up_proj"](x))
+        h = h + p["down_proj"](torch.ops.qlora.swiglu(p["gate_proj"](x), p["up_proj"](x)))
         x = rms_norm(h, self.norm_final)
         return torch.ops.qlora.fused_linear_cross_entropy(x.reshape(bsz * t, -1), self.lm_head, labels.reshape(-1))
 

@@ -1,0 +1,37 @@
+// Fused RMSNorm and SwiGLU (issue 11): the decoder layer's elementwise pieces as single kernels on
+// CUDA (kernels/fused_layer.cu), with ATen references of the same arithmetic on CPU. Used by
+// rms_norm() and the MLP of the layer loop on CUDA unless switched off (set_fused_kernels(false),
+// config `fused_kernels: false`, `qlora bench train --no-fused-kernels`).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace qlora {
+
+// Process-wide switch (default on): whether the layer loop uses the fused kernels on CUDA.
+void set_fused_kernels(bool on);
+bool fused_kernels();
+
+// RMSNorm as transformers computes it (see kernels/fused_layer.cuh): x [..., hidden], w [hidden],
+// both of one float type. Returns out (x's shape and type) and, when want_rstd, 1/rms per row
+// (fp32, [rows]) for the backward. CPU: ATen ops of the same arithmetic (the reference); CUDA: the
+// kernel.
+std::tuple<at::Tensor, at::Tensor> rms_norm_fused_forward(const at::Tensor& x, const at::Tensor& w, double eps,
+                                                          bool want_rstd);
+// dx of RMSNorm (w frozen) from dy, x, w and the forward's rstd.
+at::Tensor rms_norm_fused_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
+                                   const at::Tensor& rstd);
+// silu(gate) * up, rounded as at::silu then a product of two tensors of their type.
+at::Tensor swiglu_fused_forward(const at::Tensor& gate, const at::Tensor& up);
+// (d_gate, d_up) of silu(gate) * up, as autograd computes them.
+std::tuple<at::Tensor, at::Tensor> swiglu_fused_backward(const at::Tensor& dout, const at::Tensor& gate,
+                                                         const at::Tensor& up);
+
+// Differentiable forms (custom autograd functions over the above): RMSNorm differentiable in x
+// only (w frozen: QLoRA trains adapters, not norms); SwiGLU in gate and up. Saved for the
+// backward: x and rstd; gate and up (not silu(gate)).
+at::Tensor rms_norm_fused(const at::Tensor& x, const at::Tensor& w, double eps);
+at::Tensor swiglu_fused(const at::Tensor& gate, const at::Tensor& up);
+
+}  // namespace qlora

@@ -1,0 +1,341 @@
+// Fused RMSNorm and SwiGLU kernels (launchers and semantics in fused_layer.cuh).
+//
+// Why: written with ATen ops, RMSNorm is eight kernels (cast, pow, mean, add, rsqrt, mul, cast,
+// mul) that move ~20 bytes per element in the forward and more in its autograd backward, and
+// silu(g) * u is two kernels plus three in the backward, with silu(g) kept for it. Here each is one
+// pass: RMSNorm reads x once (its second read hits L1/L2: one row per CTA) and writes out once,
+// keeping only the fp32 1/rms per row for the backward; SwiGLU keeps nothing but g and u.
+//
+// Layout: RMSNorm: one CTA of 256 threads per row, 16-byte vectors (8 bf16/fp16 or 4 fp32 values)
+// when hidden is a multiple of the vector width and every pointer is 16-byte aligned, else scalar;
+// the row's sum is reduced with warp shuffles then a 8-entry shared table, in a fixed order
+// (deterministic). SwiGLU: a grid-stride loop over 16-byte vectors (same condition), scalar
+// otherwise. Math in fp32; the library is built with --fmad=false, so every product and sum rounds
+// separately, as ATen's unfused kernels do; expf and sqrtf are the accurate (not fast-math) forms.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "float_convert.cuh"
+#include "fused_layer.cuh"
+
+namespace qlora::kernels {
+namespace {
+
+constexpr int kNormThreads = 256;
+constexpr int kNormWarps = kNormThreads / 32;
+constexpr int kEltThreads = 256;
+
+template <typename T>
+constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+
+// kVec<T> values at p (16-byte aligned) as floats, and back.
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* p, float (&f)[kVec<T>]) {
+  union {
+    uint4 u;
+    T t[kVec<T>];
+  } v;
+  v.u = *reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int i = 0; i < kVec<T>; ++i) f[i] = to_float(v.t[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_vec(T* p, const float (&f)[kVec<T>]) {
+  union {
+    uint4 u;
+    T t[kVec<T>];
+  } v;
+#pragma unroll
+  for (int i = 0; i < kVec<T>; ++i) v.t[i] = from_float<T>(f[i]);
+  *reinterpret_cast<uint4*>(p) = v.u;
+}
+
+// Rounds through T: the value a T tensor holds.
+template <typename T>
+__device__ __forceinline__ float round_to(float v) {
+  return to_float(from_float<T>(v));
+}
+
+// Sum over the CTA (kNormThreads threads), the same result in every thread; fixed order.
+__device__ __forceinline__ float block_sum(float v, float* shared) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // `shared` may still be read from a previous call
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kNormWarps; ++w) total += shared[w];
+  return total;
+}
+
+// Calls f(i, values) for every vector (VEC) or element (!VEC) of a row this thread owns.
+template <typename T, bool VEC, typename F>
+__device__ __forceinline__ void for_row(int64_t hidden, F&& f) {
+  if constexpr (VEC) {
+    for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec<T>; i < hidden; i += int64_t{kNormThreads} * kVec<T>) f(i);
+  } else {
+    for (int64_t i = threadIdx.x; i < hidden; i += kNormThreads) f(i);
+  }
+}
+
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kNormThreads) rms_norm_forward_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                                                                        T* __restrict__ out, float* __restrict__ rstd,
+                                                                        int64_t hidden, float eps) {
+  __shared__ float shared[kNormWarps];
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * hidden;
+  T* outr = out + row * hidden;
+  float sq = 0.f;
+  for_row<T, VEC>(hidden, [&](int64_t i) {
+    if constexpr (VEC) {
+      float v[kVec<T>];
+      load_vec(xr + i, v);
+#pragma unroll
+      for (int j = 0; j < kVec<T>; ++j) sq += v[j] * v[j];
+    } else {
+      const float v = to_float(xr[i]);
+      sq += v * v;
+    }
+  });
+  const float mean = block_sum(sq, shared) / static_cast<float>(hidden);
+  const float r = 1.0f / sqrtf(mean + eps);
+  if (rstd != nullptr && threadIdx.x == 0) rstd[row] = r;
+  for_row<T, VEC>(hidden, [&](int64_t i) {
+    if constexpr (VEC) {
+      float v[kVec<T>], wv[kVec<T>];
+      load_vec(xr + i, v);
+      load_vec(w + i, wv);
+#pragma unroll
+      for (int j = 0; j < kVec<T>; ++j) v[j] = wv[j] * round_to<T>(v[j] * r);
+      store_vec(outr + i, v);
+    } else {
+      outr[i] = from_float<T>(to_float(w[i]) * round_to<T>(to_float(xr[i]) * r));
+    }
+  });
+}
+
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kNormThreads) rms_norm_backward_kernel(const T* __restrict__ dy,
+                                                                         const T* __restrict__ x,
+                                                                         const T* __restrict__ w,
+                                                                         const float* __restrict__ rstd,
+                                                                         T* __restrict__ dx, int64_t hidden) {
+  __shared__ float shared[kNormWarps];
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * hidden;
+  const T* dyr = dy + row * hidden;
+  T* dxr = dx + row * hidden;
+  const float r = rstd[row];
+  float dot = 0.f;  // sum of g * n, g = w dy, n = x r
+  for_row<T, VEC>(hidden, [&](int64_t i) {
+    if constexpr (VEC) {
+      float xv[kVec<T>], gv[kVec<T>], wv[kVec<T>];
+      load_vec(xr + i, xv);
+      load_vec(dyr + i, gv);
+      load_vec(w + i, wv);
+#pragma unroll
+      for (int j = 0; j < kVec<T>; ++j) dot += (wv[j] * gv[j]) * (xv[j] * r);
+    } else {
+      dot += (to_float(w[i]) * to_float(dyr[i])) * (to_float(xr[i]) * r);
+    }
+  });
+  const float mean_dot = block_sum(dot, shared) / static_cast<float>(hidden);
+  for_row<T, VEC>(hidden, [&](int64_t i) {
+    if constexpr (VEC) {
+      float xv[kVec<T>], gv[kVec<T>], wv[kVec<T>];
+      load_vec(xr + i, xv);
+      load_vec(dyr + i, gv);
+      load_vec(w + i, wv);
+#pragma unroll
+      for (int j = 0; j < kVec<T>; ++j) gv[j] = r * (wv[j] * gv[j] - (xv[j] * r) * mean_dot);
+      store_vec(dxr + i, gv);
+    } else {
+      const float g = to_float(w[i]) * to_float(dyr[i]);
+      dxr[i] = from_float<T>(r * (g - (to_float(xr[i]) * r) * mean_dot));
+    }
+  });
+}
+
+// at::silu's arithmetic (opmath float): x / (1 + exp(-x)).
+__device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
+
+template <typename T>
+__device__ __forceinline__ float swiglu_value(float g, float u) {
+  return round_to<T>(silu(g)) * u;
+}
+
+// at::silu_backward's arithmetic: dy * sigmoid * (1 + x * (1 - sigmoid)), after the product
+// rule's round_T(dout * u).
+template <typename T>
+__device__ __forceinline__ void swiglu_grads(float dout, float g, float u, float& d_gate, float& d_up) {
+  d_up = dout * round_to<T>(silu(g));
+  const float t = round_to<T>(dout * u);
+  const float sig = 1.0f / (1.0f + expf(-g));
+  d_gate = t * sig * (1.0f + g * (1.0f - sig));
+}
+
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kEltThreads) swiglu_forward_kernel(const T* __restrict__ gate, const T* __restrict__ up,
+                                                                     T* __restrict__ out, int64_t n) {
+  const int64_t stride = int64_t{gridDim.x} * kEltThreads;
+  const int64_t first = int64_t{blockIdx.x} * kEltThreads + threadIdx.x;
+  if constexpr (VEC) {
+    for (int64_t v = first; v < n / kVec<T>; v += stride) {
+      float g[kVec<T>], u[kVec<T>];
+      load_vec(gate + v * kVec<T>, g);
+      load_vec(up + v * kVec<T>, u);
+#pragma unroll
+      for (int j = 0; j < kVec<T>; ++j) g[j] = swiglu_value<T>(g[j], u[j]);
+      store_vec(out + v * kVec<T>, g);
+    }
+  } else {
+    for (int64_t i = first; i < n; i += stride) out[i] = from_float<T>(swiglu_value<T>(to_float(gate[i]), to_float(up[i])));
+  }
+}
+
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kEltThreads) swiglu_backward_kernel(const T* __restrict__ dout,
+                                                                      const T* __restrict__ gate,
+                                                                      const T* __restrict__ up, T* __restrict__ d_gate,
+                                                                      T* __restrict__ d_up, int64_t n) {
+  const int64_t stride = int64_t{gridDim.x} * kEltThreads;
+  const int64_t first = int64_t{blockIdx.x} * kEltThreads + threadIdx.x;
+  if constexpr (VEC) {
+    for (int64_t v = first; v < n / kVec<T>; v += stride) {
+      float d[kVec<T>], g[kVec<T>], u[kVec<T>], dg[kVec<T>], du[kVec<T>];
+      load_vec(dout + v * kVec<T>, d);
+      load_vec(gate + v * kVec<T>, g);
+      load_vec(up + v * kVec<T>, u);
+#pragma unroll
+      for (int j = 0; j < kVec<T>; ++j) swiglu_grads<T>(d[j], g[j], u[j], dg[j], du[j]);
+      store_vec(d_gate + v * kVec<T>, dg);
+      store_vec(d_up + v * kVec<T>, du);
+    }
+  } else {
+    for (int64_t i = first; i < n; i += stride) {
+      float dg, du;
+      swiglu_grads<T>(to_float(dout[i]), to_float(gate[i]), to_float(up[i]), dg, du);
+      d_gate[i] = from_float<T>(dg);
+      d_up[i] = from_float<T>(du);
+    }
+  }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Enough CTAs to fill the device a few times over; the grid-stride loop does the rest.
+int elementwise_blocks(int64_t work_items) {
+  const int64_t wanted = (work_items + kEltThreads - 1) / kEltThreads;
+  return static_cast<int>(wanted < 1 ? 1 : (wanted > 65535 ? 65535 : wanted));
+}
+
+template <typename T>
+cudaError_t launch_rms_forward(const RmsNormForwardArgs& a, cudaStream_t s) {
+  const bool vec = a.hidden % kVec<T> == 0 && aligned16(a.x) && aligned16(a.w) && aligned16(a.out);
+  const auto* x = static_cast<const T*>(a.x);
+  const auto* w = static_cast<const T*>(a.w);
+  auto* out = static_cast<T*>(a.out);
+  const dim3 grid(static_cast<unsigned>(a.rows));
+  if (vec) rms_norm_forward_kernel<T, true><<<grid, kNormThreads, 0, s>>>(x, w, out, a.rstd, a.hidden, a.eps);
+  else rms_norm_forward_kernel<T, false><<<grid, kNormThreads, 0, s>>>(x, w, out, a.rstd, a.hidden, a.eps);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_rms_backward(const RmsNormBackwardArgs& a, cudaStream_t s) {
+  const bool vec = a.hidden % kVec<T> == 0 && aligned16(a.dy) && aligned16(a.x) && aligned16(a.w) && aligned16(a.dx);
+  const auto* dy = static_cast<const T*>(a.dy);
+  const auto* x = static_cast<const T*>(a.x);
+  const auto* w = static_cast<const T*>(a.w);
+  auto* dx = static_cast<T*>(a.dx);
+  const dim3 grid(static_cast<unsigned>(a.rows));
+  if (vec) rms_norm_backward_kernel<T, true><<<grid, kNormThreads, 0, s>>>(dy, x, w, a.rstd, dx, a.hidden);
+  else rms_norm_backward_kernel<T, false><<<grid, kNormThreads, 0, s>>>(dy, x, w, a.rstd, dx, a.hidden);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_swiglu_forward(const SwigluForwardArgs& a, cudaStream_t s) {
+  const bool vec = a.n % kVec<T> == 0 && aligned16(a.gate) && aligned16(a.up) && aligned16(a.out);
+  const auto* g = static_cast<const T*>(a.gate);
+  const auto* u = static_cast<const T*>(a.up);
+  auto* out = static_cast<T*>(a.out);
+  if (vec) swiglu_forward_kernel<T, true><<<elementwise_blocks(a.n / kVec<T>), kEltThreads, 0, s>>>(g, u, out, a.n);
+  else swiglu_forward_kernel<T, false><<<elementwise_blocks(a.n), kEltThreads, 0, s>>>(g, u, out, a.n);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_swiglu_backward(const SwigluBackwardArgs& a, cudaStream_t s) {
+  const bool vec = a.n % kVec<T> == 0 && aligned16(a.dout) && aligned16(a.gate) && aligned16(a.up) &&
+                   aligned16(a.d_gate) && aligned16(a.d_up);
+  const auto* d = static_cast<const T*>(a.dout);
+  const auto* g = static_cast<const T*>(a.gate);
+  const auto* u = static_cast<const T*>(a.up);
+  auto* dg = static_cast<T*>(a.d_gate);
+  auto* du = static_cast<T*>(a.d_up);
+  if (vec) swiglu_backward_kernel<T, true><<<elementwise_blocks(a.n / kVec<T>), kEltThreads, 0, s>>>(d, g, u, dg, du, a.n);
+  else swiglu_backward_kernel<T, false><<<elementwise_blocks(a.n), kEltThreads, 0, s>>>(d, g, u, dg, du, a.n);
+  return cudaGetLastError();
+}
+
+template <template <typename> class Launch, typename Args>
+cudaError_t by_type(FloatType t, const Args& a, cudaStream_t s) {
+  switch (t) {
+    case FloatType::f32: return Launch<float>::run(a, s);
+    case FloatType::f16: return Launch<__half>::run(a, s);
+    case FloatType::bf16: return Launch<__nv_bfloat16>::run(a, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+struct RmsForward {
+  static cudaError_t run(const RmsNormForwardArgs& a, cudaStream_t s) { return launch_rms_forward<T>(a, s); }
+};
+template <typename T>
+struct RmsBackward {
+  static cudaError_t run(const RmsNormBackwardArgs& a, cudaStream_t s) { return launch_rms_backward<T>(a, s); }
+};
+template <typename T>
+struct SwigluForward {
+  static cudaError_t run(const SwigluForwardArgs& a, cudaStream_t s) { return launch_swiglu_forward<T>(a, s); }
+};
+template <typename T>
+struct SwigluBackward {
+  static cudaError_t run(const SwigluBackwardArgs& a, cudaStream_t s) { return launch_swiglu_backward<T>(a, s); }
+};
+
+}  // namespace
+
+cudaError_t rms_norm_forward(const RmsNormForwardArgs& a, cudaStream_t s) {
+  if (a.rows < 0 || a.rows > 0x7fffffff || a.hidden < 1) return cudaErrorInvalidValue;
+  if (a.rows == 0) return cudaSuccess;
+  return by_type<RmsForward>(a.type, a, s);
+}
+
+cudaError_t rms_norm_backward(const RmsNormBackwardArgs& a, cudaStream_t s) {
+  if (a.rows < 0 || a.rows > 0x7fffffff || a.hidden < 1) return cudaErrorInvalidValue;
+  if (a.rows == 0) return cudaSuccess;
+  return by_type<RmsBackward>(a.type, a, s);
+}
+
+cudaError_t swiglu_forward(const SwigluForwardArgs& a, cudaStream_t s) {
+  if (a.n < 0) return cudaErrorInvalidValue;
+  if (a.n == 0) return cudaSuccess;
+  return by_type<SwigluForward>(a.type, a, s);
+}
+
+cudaError_t swiglu_backward(const SwigluBackwardArgs& a, cudaStream_t s) {
+  if (a.n < 0) return cudaErrorInvalidValue;
+  if (a.n == 0) return cudaSuccess;
+  return by_type<SwigluBackward>(a.type, a, s);
+}
+
+}  // namespace qlora::kernels

@@ -1,0 +1,67 @@
+// Fused elementwise pieces of the decoder layer: RMSNorm and SwiGLU, forward and backward, as plain
+// CUDA launchers (raw pointers, sizes, a stream). Semantics (what each output equals, rounding
+// included) are written next to each launcher; the CPU references are in src/model/fused_layer.cpp.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "nf4.cuh"  // FloatType
+
+namespace qlora::kernels {
+
+// RMSNorm as transformers' LlamaRMSNorm computes it, per row of x [rows, hidden]:
+//   r = rsqrt(mean(x^2) + eps)             (fp32; x read as fp32)
+//   y = round_T(x * r);  out = round_T(w * y)   (w and out of x's type T)
+// and r is stored in rstd [rows] (fp32) when rstd != nullptr, for the backward.
+struct RmsNormForwardArgs {
+  const void* x = nullptr;   // [rows, hidden], row stride hidden (contiguous)
+  const void* w = nullptr;   // [hidden]
+  void* out = nullptr;       // [rows, hidden]
+  float* rstd = nullptr;     // [rows] or nullptr
+  FloatType type = FloatType::bf16;
+  int64_t rows = 0;
+  int64_t hidden = 0;
+  float eps = 1e-6f;
+};
+cudaError_t rms_norm_forward(const RmsNormForwardArgs& args, cudaStream_t stream);
+
+// d(loss)/dx of RMSNorm (w frozen), fp32 math, per row: g = w * dy; n = x * r;
+//   dx = round_T(r * (g - n * mean(g * n))).
+struct RmsNormBackwardArgs {
+  const void* dy = nullptr;    // [rows, hidden]
+  const void* x = nullptr;     // [rows, hidden]
+  const void* w = nullptr;     // [hidden]
+  const float* rstd = nullptr; // [rows]
+  void* dx = nullptr;          // [rows, hidden]
+  FloatType type = FloatType::bf16;
+  int64_t rows = 0;
+  int64_t hidden = 0;
+};
+cudaError_t rms_norm_backward(const RmsNormBackwardArgs& args, cudaStream_t stream);
+
+// SwiGLU of the Llama MLP, elementwise over n values: s = round_T(g / (1 + exp(-g))) (at::silu),
+// out = round_T(s * u) (the product of two T tensors).
+struct SwigluForwardArgs {
+  const void* gate = nullptr;
+  const void* up = nullptr;
+  void* out = nullptr;
+  FloatType type = FloatType::bf16;
+  int64_t n = 0;
+};
+cudaError_t swiglu_forward(const SwigluForwardArgs& args, cudaStream_t stream);
+
+// Its backward, as autograd computes silu(g) * u: d_up = round_T(dout * s) with s as above;
+// t = round_T(dout * u); sig = 1 / (1 + exp(-g)); d_gate = round_T(t * sig * (1 + g * (1 - sig))).
+struct SwigluBackwardArgs {
+  const void* dout = nullptr;
+  const void* gate = nullptr;
+  const void* up = nullptr;
+  void* d_gate = nullptr;
+  void* d_up = nullptr;
+  FloatType type = FloatType::bf16;
+  int64_t n = 0;
+};
+cudaError_t swiglu_backward(const SwigluBackwardArgs& args, cudaStream_t stream);
+
+}  // namespace qlora::kernels

@@ -1,0 +1,219 @@
+// Fused RMSNorm and SwiGLU (include/qlora/fused_layer.h): CPU references in ATen ops, CUDA
+// launches of kernels/fused_layer.cu, and the autograd functions the layer loop uses on CUDA.
+#include "qlora/fused_layer.h"
+
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <atomic>
+
+#ifdef QLORA_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "fused_layer.cuh"
+#endif
+
+namespace qlora {
+
+namespace {
+std::atomic<bool> g_fused_kernels{true};
+
+void check_float(const at::Tensor& t, const char* what, const char* op) {
+  const at::ScalarType s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, op, ": ", what,
+              " must be float32, float16 or bfloat16, found ", s);
+}
+
+void check_same(const at::Tensor& a, const at::Tensor& b, const char* what_a, const char* what_b, const char* op) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && a.device() == b.device(), op, ": ", what_a, " (",
+              a.scalar_type(), ", ", a.device(), ") and ", what_b, " (", b.scalar_type(), ", ", b.device(),
+              ") must have one type and device");
+}
+
+void check_norm_args(const at::Tensor& x, const at::Tensor& w, const char* op) {
+  check_float(x, "x", op);
+  check_same(x, w, "x", "w", op);
+  TORCH_CHECK(x.dim() >= 1 && w.dim() == 1 && w.size(0) == x.size(-1), op, ": w must be [", x.size(-1),
+              "] for x ", x.sizes(), ", found ", w.sizes());
+}
+
+#ifdef QLORA_WITH_CUDA
+kernels::FloatType float_type(at::ScalarType t) {
+  return t == at::kFloat ? kernels::FloatType::f32 : t == at::kHalf ? kernels::FloatType::f16 : kernels::FloatType::bf16;
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, " launch failed: ", cudaGetErrorString(err));
+}
+#endif
+}  // namespace
+
+void set_fused_kernels(bool on) { g_fused_kernels = on; }
+bool fused_kernels() { return g_fused_kernels; }
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_fused_forward(const at::Tensor& x_in, const at::Tensor& w_in, double eps,
+                                                          bool want_rstd) {
+  check_norm_args(x_in, w_in, "rms_norm");
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  const int64_t hidden = x.size(-1), rows = x.numel() / hidden;
+#ifdef QLORA_WITH_CUDA
+  if (x.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    at::Tensor out = at::empty_like(x);
+    at::Tensor rstd = want_rstd ? at::empty({rows}, x.options().dtype(at::kFloat)) : at::Tensor();
+    kernels::RmsNormForwardArgs a;
+    a.x = x.data_ptr();
+    a.w = w.data_ptr();
+    a.out = out.data_ptr();
+    a.rstd = want_rstd ? rstd.data_ptr<float>() : nullptr;
+    a.type = float_type(x.scalar_type());
+    a.rows = rows;
+    a.hidden = hidden;
+    a.eps = static_cast<float>(eps);
+    check_launch(kernels::rms_norm_forward(a, at::cuda::getCurrentCUDAStream(x.device().index())), "rms_norm_forward");
+    return {out, rstd};
+  }
+#endif
+  // The reference: transformers' arithmetic, the fp32 1/rms kept.
+  const at::Tensor h = x.to(at::kFloat);
+  const at::Tensor r = at::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  const at::Tensor out = w * (h * r).to(x.scalar_type());
+  return {out, want_rstd ? r.reshape({rows}) : at::Tensor()};
+}
+
+at::Tensor rms_norm_fused_backward(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& w_in,
+                                   const at::Tensor& rstd) {
+  check_norm_args(x_in, w_in, "rms_norm backward");
+  check_same(dy_in, x_in, "dy", "x", "rms_norm backward");
+  TORCH_CHECK(dy_in.sizes() == x_in.sizes(), "rms_norm backward: dy ", dy_in.sizes(), " must have x's shape ",
+              x_in.sizes());
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous(), dy = dy_in.contiguous();
+  const int64_t hidden = x.size(-1), rows = x.numel() / hidden;
+  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.numel() == rows && rstd.device() == x.device(),
+              "rms_norm backward: rstd must be fp32 [", rows, "] on ", x.device(), ", found ", rstd.scalar_type(), " ",
+              rstd.sizes());
+#ifdef QLORA_WITH_CUDA
+  if (x.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    at::Tensor dx = at::empty_like(x);
+    const at::Tensor r = rstd.contiguous();
+    kernels::RmsNormBackwardArgs a;
+    a.dy = dy.data_ptr();
+    a.x = x.data_ptr();
+    a.w = w.data_ptr();
+    a.rstd = r.data_ptr<float>();
+    a.dx = dx.data_ptr();
+    a.type = float_type(x.scalar_type());
+    a.rows = rows;
+    a.hidden = hidden;
+    check_launch(kernels::rms_norm_backward(a, at::cuda::getCurrentCUDAStream(x.device().index())), "rms_norm_backward");
+    return dx;
+  }
+#endif
+  const at::Tensor r = rstd.reshape({rows, 1});
+  const at::Tensor g = w.to(at::kFloat) * dy.reshape({rows, hidden}).to(at::kFloat);
+  const at::Tensor n = x.reshape({rows, hidden}).to(at::kFloat) * r;
+  const at::Tensor mean_dot = (g * n).sum(-1, /*keepdim=*/true) / static_cast<double>(hidden);
+  return (r * (g - n * mean_dot)).to(x.scalar_type()).view(x.sizes());
+}
+
+namespace {
+void check_swiglu_args(const at::Tensor& gate, const at::Tensor& up, const char* op) {
+  check_float(gate, "gate", op);
+  check_same(gate, up, "gate", "up", op);
+  TORCH_CHECK(gate.sizes() == up.sizes(), op, ": gate ", gate.sizes(), " and up ", up.sizes(), " must have one shape");
+}
+}  // namespace
+
+at::Tensor swiglu_fused_forward(const at::Tensor& gate_in, const at::Tensor& up_in) {
+  check_swiglu_args(gate_in, up_in, "swiglu");
+#ifdef QLORA_WITH_CUDA
+  if (gate_in.is_cuda()) {
+    const at::Tensor gate = gate_in.contiguous(), up = up_in.contiguous();
+    const c10::cuda::CUDAGuard guard(gate.device());
+    at::Tensor out = at::empty_like(gate);
+    kernels::SwigluForwardArgs a;
+    a.gate = gate.data_ptr();
+    a.up = up.data_ptr();
+    a.out = out.data_ptr();
+    a.type = float_type(gate.scalar_type());
+    a.n = gate.numel();
+    check_launch(kernels::swiglu_forward(a, at::cuda::getCurrentCUDAStream(gate.device().index())), "swiglu_forward");
+    return out;
+  }
+#endif
+  return at::silu(gate_in) * up_in;
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_fused_backward(const at::Tensor& dout_in, const at::Tensor& gate_in,
+                                                         const at::Tensor& up_in) {
+  check_swiglu_args(gate_in, up_in, "swiglu backward");
+  check_swiglu_args(dout_in, gate_in, "swiglu backward");
+#ifdef QLORA_WITH_CUDA
+  if (gate_in.is_cuda()) {
+    const at::Tensor dout = dout_in.contiguous(), gate = gate_in.contiguous(), up = up_in.contiguous();
+    const c10::cuda::CUDAGuard guard(gate.device());
+    at::Tensor d_gate = at::empty_like(gate), d_up = at::empty_like(up);
+    kernels::SwigluBackwardArgs a;
+    a.dout = dout.data_ptr();
+    a.gate = gate.data_ptr();
+    a.up = up.data_ptr();
+    a.d_gate = d_gate.data_ptr();
+    a.d_up = d_up.data_ptr();
+    a.type = float_type(gate.scalar_type());
+    a.n = gate.numel();
+    check_launch(kernels::swiglu_backward(a, at::cuda::getCurrentCUDAStream(gate.device().index())), "swiglu_backward");
+    return {d_gate, d_up};
+  }
+#endif
+  // Autograd's arithmetic for silu(gate) * up: the product rule, then silu_backward.
+  const at::Tensor d_up = dout_in * at::silu(gate_in);
+  const at::Tensor d_gate = at::silu_backward(dout_in * up_in, gate_in);
+  return {d_gate, d_up};
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, double eps) {
+    auto [out, rstd] = rms_norm_fused_forward(x, w, eps, /*want_rstd=*/true);
+    ctx->save_for_backward({x, w, rstd});
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list s = ctx->get_saved_variables();
+    return {rms_norm_fused_backward(grad_outputs[0], s[0], s[1], s[2]), at::Tensor(), at::Tensor()};
+  }
+};
+
+struct SwigluFunction : public torch::autograd::Function<SwigluFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gate, const at::Tensor& up) {
+    ctx->save_for_backward({gate, up});
+    return swiglu_fused_forward(gate, up);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list s = ctx->get_saved_variables();
+    auto [d_gate, d_up] = swiglu_fused_backward(grad_outputs[0], s[0], s[1]);
+    return {d_gate, d_up};
+  }
+};
+
+}  // namespace
+
+at::Tensor rms_norm_fused(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(!w.requires_grad() || !at::GradMode::is_enabled(),
+              "rms_norm_fused: the norm weight must be frozen (it gets no gradient)");
+  if (!at::GradMode::is_enabled() || !x.requires_grad()) return std::get<0>(rms_norm_fused_forward(x, w, eps, false));
+  return RmsNormFunction::apply(x, w, eps);
+}
+
+at::Tensor swiglu_fused(const at::Tensor& gate, const at::Tensor& up) {
+  if (!at::GradMode::is_enabled() || (!gate.requires_grad() && !up.requires_grad()))
+    return swiglu_fused_forward(gate, up);
+  return SwigluFunction::apply(gate, up);
+}
+
+}  // namespace qlora

@@ -1,0 +1,175 @@
+// Kernels of qlora::rms_norm, qlora::swiglu and their pieces (schemas in library.cpp). CPU and
+// CUDA go through include/qlora/fused_layer.h (the ATen reference on CPU, the fused kernels on
+// CUDA); Meta gives shapes only. Autograd: custom functions whose forward calls the op below
+// autograd and whose backward calls _rms_norm_bwd / _swiglu_bwd through the dispatcher.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "qlora/fused_layer.h"
+
+namespace qlora {
+namespace {
+
+using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
+
+// ---- CPU / CUDA ---------------------------------------------------------------------------------
+
+at::Tensor rms_norm_op(const at::Tensor& x, const at::Tensor& w, double eps) {
+  return std::get<0>(rms_norm_fused_forward(x, w, eps, /*want_rstd=*/false));
+}
+Tensor2 rms_norm_fwd_op(const at::Tensor& x, const at::Tensor& w, double eps) {
+  return rms_norm_fused_forward(x, w, eps, /*want_rstd=*/true);
+}
+at::Tensor rms_norm_bwd_op(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd) {
+  return rms_norm_fused_backward(grad, x, w, rstd);
+}
+at::Tensor swiglu_op(const at::Tensor& gate, const at::Tensor& up) { return swiglu_fused_forward(gate, up); }
+Tensor2 swiglu_bwd_op(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up) {
+  return swiglu_fused_backward(grad, gate, up);
+}
+
+// ---- Meta ---------------------------------------------------------------------------------------
+
+void check_norm_meta(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() >= 1 && w.dim() == 1, "rms_norm: x must be [..., hidden] and weight [hidden], found ",
+              x.sym_sizes(), " and ", w.sym_sizes());
+  TORCH_SYM_CHECK(w.sym_size(0).sym_eq(x.sym_size(-1)), "rms_norm: weight must be [", x.sym_size(-1), "], found ",
+                  w.sym_sizes());
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "rms_norm: x (", x.scalar_type(), ") and weight (", w.scalar_type(),
+              ") must have one type");
+}
+
+at::Tensor rms_norm_meta(const at::Tensor& x, const at::Tensor& w, double) {
+  check_norm_meta(x, w);
+  return at::empty_symint(x.sym_sizes(), x.options());
+}
+Tensor2 rms_norm_fwd_meta(const at::Tensor& x, const at::Tensor& w, double) {
+  check_norm_meta(x, w);
+  return {at::empty_symint(x.sym_sizes(), x.options()),
+          at::empty_symint({x.sym_numel() / x.sym_size(-1)}, x.options().dtype(at::kFloat))};
+}
+at::Tensor rms_norm_bwd_meta(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, const at::Tensor&) {
+  check_norm_meta(x, w);
+  return at::empty_symint(grad.sym_sizes(), x.options());
+}
+void check_swiglu_meta(const at::Tensor& gate, const at::Tensor& up) {
+  TORCH_CHECK(gate.dim() == up.dim(), "swiglu: gate ", gate.sym_sizes(), " and up ", up.sym_sizes(),
+              " must have one shape");
+  for (int64_t i = 0; i < gate.dim(); ++i)
+    TORCH_SYM_CHECK(gate.sym_size(i).sym_eq(up.sym_size(i)), "swiglu: gate ", gate.sym_sizes(), " and up ",
+                    up.sym_sizes(), " must have one shape");
+  TORCH_CHECK(gate.scalar_type() == up.scalar_type(), "swiglu: gate (", gate.scalar_type(), ") and up (",
+              up.scalar_type(), ") must have one type");
+}
+at::Tensor swiglu_meta(const at::Tensor& gate, const at::Tensor& up) {
+  check_swiglu_meta(gate, up);
+  return at::empty_symint(gate.sym_sizes(), gate.options());
+}
+Tensor2 swiglu_bwd_meta(const at::Tensor&, const at::Tensor& gate, const at::Tensor& up) {
+  check_swiglu_meta(gate, up);
+  return {at::empty_symint(gate.sym_sizes(), gate.options()), at::empty_symint(up.sym_sizes(), up.options())};
+}
+
+// ---- Autograd -----------------------------------------------------------------------------------
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+template <class Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+struct RmsNormOpFunction : public torch::autograd::Function<RmsNormOpFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, double eps) {
+    static const auto fwd = op_handle<Tensor2(const at::Tensor&, const at::Tensor&, double)>("qlora::_rms_norm_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, rstd] = fwd.call(x, w, eps);
+    ctx->save_for_backward({x, w, rstd});
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    static const auto bwd =
+        op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+            "qlora::_rms_norm_bwd");
+    const variable_list s = ctx->get_saved_variables();
+    return {bwd.call(grad_outputs[0], s[0], s[1], s[2]), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor rms_norm_autograd(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(!(at::GradMode::is_enabled() && w.requires_grad()),
+              "qlora::rms_norm: the weight gets no gradient (QLoRA trains adapters only); pass a frozen weight");
+  if (!(at::GradMode::is_enabled() && x.requires_grad())) {
+    static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, double)>("qlora::rms_norm");
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(x, w, eps);
+  }
+  return RmsNormOpFunction::apply(x, w, eps);
+}
+
+struct SwigluOpFunction : public torch::autograd::Function<SwigluOpFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gate, const at::Tensor& up) {
+    static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&)>("qlora::swiglu");
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({gate, up});
+    return op.call(gate, up);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    static const auto bwd =
+        op_handle<Tensor2(const at::Tensor&, const at::Tensor&, const at::Tensor&)>("qlora::_swiglu_bwd");
+    const variable_list s = ctx->get_saved_variables();
+    auto [d_gate, d_up] = bwd.call(grad_outputs[0], s[0], s[1]);
+    return {d_gate, d_up};
+  }
+};
+
+at::Tensor swiglu_autograd(const at::Tensor& gate, const at::Tensor& up) {
+  if (!(at::GradMode::is_enabled() && (gate.requires_grad() || up.requires_grad()))) {
+    static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&)>("qlora::swiglu");
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(gate, up);
+  }
+  return SwigluOpFunction::apply(gate, up);
+}
+
+}  // namespace
+}  // namespace qlora
+
+TORCH_LIBRARY_IMPL(qlora, CPU, m) {
+  m.impl("rms_norm", &qlora::rms_norm_op);
+  m.impl("_rms_norm_fwd", &qlora::rms_norm_fwd_op);
+  m.impl("_rms_norm_bwd", &qlora::rms_norm_bwd_op);
+  m.impl("swiglu", &qlora::swiglu_op);
+  m.impl("_swiglu_bwd", &qlora::swiglu_bwd_op);
+}
+
+#ifdef QLORA_WITH_CUDA
+TORCH_LIBRARY_IMPL(qlora, CUDA, m) {
+  m.impl("rms_norm", &qlora::rms_norm_op);
+  m.impl("_rms_norm_fwd", &qlora::rms_norm_fwd_op);
+  m.impl("_rms_norm_bwd", &qlora::rms_norm_bwd_op);
+  m.impl("swiglu", &qlora::swiglu_op);
+  m.impl("_swiglu_bwd", &qlora::swiglu_bwd_op);
+}
+#endif
+
+TORCH_LIBRARY_IMPL(qlora, Meta, m) {
+  m.impl("rms_norm", &qlora::rms_norm_meta);
+  m.impl("_rms_norm_fwd", &qlora::rms_norm_fwd_meta);
+  m.impl("_rms_norm_bwd", &qlora::rms_norm_bwd_meta);
+  m.impl("swiglu", &qlora::swiglu_meta);
+  m.impl("_swiglu_bwd", &qlora::swiglu_bwd_meta);
+}
+
+TORCH_LIBRARY_IMPL(qlora, Autograd, m) {
+  m.impl("rms_norm", &qlora::rms_norm_autograd);
+  m.impl("swiglu", &qlora::swiglu_autograd);
+  m.impl("_rms_norm_fwd", torch::CppFunction::makeFallthrough());
+  m.impl("_rms_norm_bwd", torch::CppFunction::makeFallthrough());
+  m.impl("_swiglu_bwd", torch::CppFunction::makeFallthrough());
+}

@@ -1,0 +1,181 @@
+// Fused RMSNorm and SwiGLU (include/qlora/fused_layer.h). CPU: the references equal the model's
+// ATen formulas (rms_norm with the switch off; silu(g) * u) bit for bit, their backward equals
+// autograd through those formulas (fp64 oracle), bad arguments are clear errors. GPU ([cuda]):
+// the kernels against the CPU references on odd and even sizes, every dtype, the vector and the
+// scalar (misaligned) paths; and a training run with the fused kernels against one without.
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include "qlora/fused_layer.h"
+#include "qlora/model.h"
+#include "test_cuda_util.h"
+
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+using Catch::Matchers::ContainsSubstring;
+
+namespace {
+
+at::Tensor randn(std::vector<int64_t> shape, uint64_t seed, double scale = 1.0) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  return at::randn(shape, gen, at::TensorOptions().dtype(at::kFloat)) * scale;
+}
+
+// RAII: the fused-kernel switch set for one test, restored after.
+struct FusedSwitch {
+  bool old = qlora::fused_kernels();
+  explicit FusedSwitch(bool on) { qlora::set_fused_kernels(on); }
+  ~FusedSwitch() { qlora::set_fused_kernels(old); }
+};
+
+double max_rel(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor x = a.to(at::kDouble).cpu(), y = b.to(at::kDouble).cpu();
+  return ((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item<double>();
+}
+
+// Fraction of elements that differ, and the largest difference in units of the dtype's epsilon
+// relative to the reference's magnitude (a 16-bit rounding flip is 1 unit).
+std::pair<double, double> flips_and_ulps(const at::Tensor& got, const at::Tensor& ref) {
+  const at::Tensor g = got.cpu().to(at::kDouble), r = ref.cpu().to(at::kDouble);
+  const double eps = ref.scalar_type() == at::kBFloat16 ? 1.0 / 128 : ref.scalar_type() == at::kHalf ? 1.0 / 1024 : 1.2e-7;
+  const at::Tensor diff = (g - r).abs();
+  const double frac = (diff > 0).to(at::kDouble).mean().item<double>();
+  const double ulps = (diff / (r.abs() * eps).clamp_min(1e-30)).max().item<double>();
+  return {frac, ulps};
+}
+
+}  // namespace
+
+TEST_CASE("fused rms_norm / swiglu: CPU references equal the model's ATen formulas", "[fused_layer]") {
+  for (const at::ScalarType dt : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (const int64_t hidden : {int64_t{1}, int64_t{37}, int64_t{64}, int64_t{4100}}) {
+      CAPTURE(dt, hidden);
+      const at::Tensor x = randn({3, 5, hidden}, 1, 2.0).to(dt), w = (1 + randn({hidden}, 2, 0.1)).to(dt);
+      auto [out, rstd] = qlora::rms_norm_fused_forward(x, w, 1e-5, true);
+      const FusedSwitch off(false);
+      CHECK(at::equal(out, qlora::rms_norm(x, w, 1e-5)));
+      CHECK(rstd.sizes() == at::IntArrayRef{15});
+      const at::Tensor h = x.to(at::kDouble);
+      CHECK(max_rel(rstd, at::rsqrt(h.pow(2).mean(-1) + 1e-5).reshape({15})) < 1e-6);
+      const at::Tensor g = randn({3, 5, hidden}, 3, 4.0).to(dt), u = randn({3, 5, hidden}, 4).to(dt);
+      CHECK(at::equal(qlora::swiglu_fused_forward(g, u), at::silu(g) * u));
+    }
+  }
+}
+
+TEST_CASE("fused rms_norm / swiglu: backward equals autograd through the formulas (fp64 oracle)", "[fused_layer]") {
+  for (const int64_t hidden : {int64_t{1}, int64_t{37}, int64_t{256}}) {
+    CAPTURE(hidden);
+    const at::Tensor x = randn({4, hidden}, 5, 1.5), w = 1 + randn({hidden}, 6, 0.1), dy = randn({4, hidden}, 7);
+    // Oracle: transformers' formula in fp64 through autograd.
+    const at::Tensor xd = x.to(at::kDouble).requires_grad_(true);
+    const at::Tensor yd = w.to(at::kDouble) * (xd * at::rsqrt(xd.pow(2).mean(-1, true) + 1e-6));
+    yd.backward(dy.to(at::kDouble));
+    const at::Tensor xf = x.clone().requires_grad_(true);
+    const at::Tensor yf = qlora::rms_norm_fused(xf, w, 1e-6);
+    yf.backward(dy);
+    // Relative to the size of the terms r w dy that the gradient is a difference of (hidden 1:
+    // dx = r w dy (1 - n^2) cancels to ~eps / x^2, so its own size is no scale for fp32 error).
+    const at::Tensor r = at::rsqrt(x.to(at::kDouble).pow(2).mean(-1, true) + 1e-6);
+    const double scale = (r * w.to(at::kDouble) * dy.to(at::kDouble)).abs().max().item<double>();
+    CHECK(((xf.grad().to(at::kDouble) - xd.grad()).abs().max().item<double>() / scale) < 1e-6);
+
+    const at::Tensor g = randn({4, hidden}, 8, 4.0), u = randn({4, hidden}, 9);
+    const at::Tensor gd = g.to(at::kDouble).requires_grad_(true), ud = u.to(at::kDouble).requires_grad_(true);
+    (at::silu(gd) * ud).backward(dy.to(at::kDouble));
+    const at::Tensor gf = g.clone().requires_grad_(true), uf = u.clone().requires_grad_(true);
+    qlora::swiglu_fused(gf, uf).backward(dy);
+    CHECK(max_rel(gf.grad(), gd.grad()) < 1e-5);
+    CHECK(max_rel(uf.grad(), ud.grad()) < 1e-5);
+  }
+  // bf16: the backward pieces equal autograd's own bf16 arithmetic for silu(g) * u exactly.
+  const at::Tensor g = randn({3, 40}, 10, 4.0).to(at::kBFloat16), u = randn({3, 40}, 11).to(at::kBFloat16);
+  const at::Tensor dy = randn({3, 40}, 12).to(at::kBFloat16);
+  const at::Tensor ga = g.clone().requires_grad_(true), ua = u.clone().requires_grad_(true);
+  (at::silu(ga) * ua).backward(dy);
+  auto [d_gate, d_up] = qlora::swiglu_fused_backward(dy, g, u);
+  CHECK(at::equal(d_gate, ga.grad()));
+  CHECK(at::equal(d_up, ua.grad()));
+}
+
+TEST_CASE("fused rms_norm / swiglu: bad arguments are clear errors", "[fused_layer]") {
+  const at::Tensor x = randn({2, 8}, 1);
+  CHECK_THROWS_WITH(qlora::rms_norm_fused_forward(x, randn({7}, 2), 1e-6, false), ContainsSubstring("w must be [8]"));
+  CHECK_THROWS_WITH(qlora::rms_norm_fused_forward(x, randn({8}, 2).to(at::kBFloat16), 1e-6, false),
+                    ContainsSubstring("one type and device"));
+  CHECK_THROWS_WITH(qlora::rms_norm_fused_forward(x.to(at::kLong), randn({8}, 2).to(at::kLong), 1e-6, false),
+                    ContainsSubstring("float32, float16 or bfloat16"));
+  CHECK_THROWS_WITH(qlora::rms_norm_fused_backward(randn({2, 8}, 3), x, randn({8}, 2), randn({3}, 4)),
+                    ContainsSubstring("rstd must be fp32 [2]"));
+  CHECK_THROWS_WITH(qlora::swiglu_fused_forward(x, randn({2, 9}, 5)), ContainsSubstring("must have one shape"));
+  const at::Tensor w = randn({8}, 6).requires_grad_(true);
+  CHECK_THROWS_WITH(qlora::rms_norm_fused(x.clone().requires_grad_(true), w, 1e-6), ContainsSubstring("frozen"));
+}
+
+TEST_CASE("fused rms_norm / swiglu CUDA kernels equal the CPU references", "[fused_layer][cuda]") {
+  QLORA_REQUIRE_CUDA();
+  const uint64_t seed = qlora::test::fresh_seed();
+  CAPTURE(seed);
+  for (const at::ScalarType dt : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    // (rows, hidden): odd hidden and a 1-wide row take the scalar path; multiples of 8 the vector one.
+    for (const auto& [rows, hidden] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {3, 37}, {5, 64}, {7, 4096}, {2, 4100}, {300, 2048}}) {
+      for (const bool misaligned : {false, true}) {
+        CAPTURE(dt, rows, hidden, misaligned);
+        // misaligned: x is a view one element into a buffer, so the kernels take the scalar path.
+        const int64_t off = misaligned ? 1 : 0;
+        const at::Tensor xbuf = randn({rows * hidden + off}, seed, 2.0).to(dt);
+        const at::Tensor x = xbuf.narrow(0, off, rows * hidden).view({rows, hidden});
+        const at::Tensor w = (1 + randn({hidden}, seed + 1, 0.1)).to(dt);
+        auto [ref, ref_rstd] = qlora::rms_norm_fused_forward(x, w, 1e-5, true);
+        auto [out, rstd] = qlora::rms_norm_fused_forward(x.cuda(), w.cuda(), 1e-5, true);
+        CHECK(max_rel(rstd, ref_rstd) < 1e-6);
+        // The row sums are added in another order than ATen's, so a 16-bit rounding may flip.
+        const auto [frac, ulps] = flips_and_ulps(out, ref);
+        CHECK(frac <= (dt == at::kFloat ? 1.0 : 0.01));
+        CHECK(ulps <= (dt == at::kFloat ? 64 : 2.01));
+        const at::Tensor dy = randn({rows, hidden}, seed + 2).to(dt);
+        const at::Tensor dx_ref = qlora::rms_norm_fused_backward(dy, x, w, ref_rstd);
+        const at::Tensor dx = qlora::rms_norm_fused_backward(dy.cuda(), x.cuda(), w.cuda(), ref_rstd.cuda());
+        CHECK(max_rel(dx, dx_ref) < (dt == at::kFloat ? 1e-5 : 1e-2));
+
+        const at::Tensor g = (randn({rows * hidden + off}, seed + 3, 4.0).to(dt)).narrow(0, off, rows * hidden);
+        const at::Tensor u = randn({rows * hidden}, seed + 4).to(dt);
+        const at::Tensor s_ref = qlora::swiglu_fused_forward(g, u), s = qlora::swiglu_fused_forward(g.cuda(), u.cuda());
+        const auto [sfrac, sulps] = flips_and_ulps(s, s_ref);  // expf differs from ATen CPU's by an ulp at most
+        CHECK(sfrac <= (dt == at::kFloat ? 1.0 : 0.01));
+        CHECK(sulps <= (dt == at::kFloat ? 16 : 2.01));
+        const at::Tensor d = randn({rows * hidden}, seed + 5).to(dt);
+        auto [dg_ref, du_ref] = qlora::swiglu_fused_backward(d, g, u);
+        auto [dg, du] = qlora::swiglu_fused_backward(d.cuda(), g.cuda(), u.cuda());
+        CHECK(max_rel(dg, dg_ref) < (dt == at::kFloat ? 1e-5 : 1e-2));
+        CHECK(max_rel(du, du_ref) < (dt == at::kFloat ? 1e-5 : 1e-2));
+      }
+    }
+  }
+}
+
+TEST_CASE("fused kernels in the decoder layer: forward and LoRA-free input gradients match the ATen ops", "[fused_layer][cuda]") {
+  QLORA_REQUIRE_CUDA();
+  // One decoder step's pieces on CUDA in bf16: RMSNorm, then SwiGLU, then the loss sum; the input
+  // gradient with the fused kernels against the ATen ops (same math, different rounding order).
+  const at::Tensor x = randn({2, 9, 64}, 21, 1.5).to(at::kBFloat16).cuda();
+  const at::Tensor w = (1 + randn({64}, 22, 0.1)).to(at::kBFloat16).cuda();
+  const at::Tensor dy = randn({2, 9, 64}, 23).to(at::kBFloat16).cuda();
+  auto run = [&](bool fused) {
+    const FusedSwitch sw(fused);
+    const at::Tensor xi = x.clone().requires_grad_(true);
+    const at::Tensor n = qlora::rms_norm(xi, w, 1e-5);
+    const at::Tensor y = fused ? qlora::swiglu_fused(n, n * 0.5) : at::silu(n) * (n * 0.5);
+    y.backward(dy);
+    return std::make_pair(y.detach(), xi.grad());
+  };
+  const auto [y1, g1] = run(true);
+  const auto [y0, g0] = run(false);
+  CHECK(max_rel(y1, y0) < 1e-2);
+  CHECK(max_rel(g1, g0) < 3e-2);
+}
