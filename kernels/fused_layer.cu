@@ -6,6 +6,10 @@
 // pass: RMSNorm reads x once (its second read hits L1/L2: one row per CTA) and writes out once,
 // keeping only the fp32 1/rms per row for the backward; SwiGLU keeps nothing but g and u.
 //
+// RoPE (rotary embedding on q and k): written with ATen ops it is a neg, a cat and three
+// elementwise kernels over strided (transposed) q / k, forward and again in the backward; here one
+// pass, one thread per rotated pair, reading and writing the tensors in their own strides.
+//
 // Layout: RMSNorm: one CTA of 256 threads per row, 16-byte vectors (8 bf16/fp16 or 4 fp32 values)
 // when hidden is a multiple of the vector width and every pointer is 16-byte aligned, else scalar;
 // the row's sum is reduced with warp shuffles then a 8-entry shared table, in a fixed order
@@ -227,6 +231,34 @@ __global__ void __launch_bounds__(kEltThreads) swiglu_backward_kernel(const T* _
   }
 }
 
+// One thread per (row, i < head_dim / 2) pair: both halves of the rotation together.
+template <typename T, bool BACKWARD>
+__global__ void __launch_bounds__(kEltThreads) rope_kernel(const T* __restrict__ x, const T* __restrict__ cos,
+                                                           const T* __restrict__ sin, T* __restrict__ out,
+                                                           RopeArgs a) {
+  const int64_t half = a.head_dim / 2;
+  const int64_t pairs = a.batch * a.heads * a.seq * half;
+  const int64_t stride = int64_t{gridDim.x} * kEltThreads;
+  for (int64_t p = int64_t{blockIdx.x} * kEltThreads + threadIdx.x; p < pairs; p += stride) {
+    const int64_t i = p % half;
+    const int64_t row = p / half;  // over (batch, heads, seq)
+    const int64_t t = row % a.seq, h = (row / a.seq) % a.heads, b = row / (a.seq * a.heads);
+    const T* xr = x + b * a.x_stride[0] + h * a.x_stride[1] + t * a.x_stride[2];
+    T* outr = out + b * a.out_stride[0] + h * a.out_stride[1] + t * a.out_stride[2];
+    const int64_t cs = b * a.cs_stride[0] + t * a.cs_stride[1];
+    const float x1 = to_float(xr[i]), x2 = to_float(xr[i + half]);
+    const float c1 = to_float(cos[cs + i]), c2 = to_float(cos[cs + i + half]);
+    const float s1 = to_float(sin[cs + i]), s2 = to_float(sin[cs + i + half]);
+    if constexpr (!BACKWARD) {
+      outr[i] = from_float<T>(round_to<T>(x1 * c1) - round_to<T>(x2 * s1));
+      outr[i + half] = from_float<T>(round_to<T>(x2 * c2) + round_to<T>(x1 * s2));
+    } else {
+      outr[i] = from_float<T>(round_to<T>(x1 * c1) + round_to<T>(x2 * s2));
+      outr[i + half] = from_float<T>(round_to<T>(x2 * c2) - round_to<T>(x1 * s1));
+    }
+  }
+}
+
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // Enough CTAs to fill the device a few times over; the grid-stride loop does the rest.
@@ -285,6 +317,18 @@ cudaError_t launch_swiglu_backward(const SwigluBackwardArgs& a, cudaStream_t s) 
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t launch_rope(const RopeArgs& a, cudaStream_t s) {
+  const auto* x = static_cast<const T*>(a.x);
+  const auto* c = static_cast<const T*>(a.cos);
+  const auto* sn = static_cast<const T*>(a.sin);
+  auto* out = static_cast<T*>(a.out);
+  const int blocks = elementwise_blocks(a.batch * a.heads * a.seq * (a.head_dim / 2));
+  if (a.backward) rope_kernel<T, true><<<blocks, kEltThreads, 0, s>>>(x, c, sn, out, a);
+  else rope_kernel<T, false><<<blocks, kEltThreads, 0, s>>>(x, c, sn, out, a);
+  return cudaGetLastError();
+}
+
 template <template <typename> class Launch, typename Args>
 cudaError_t by_type(FloatType t, const Args& a, cudaStream_t s) {
   switch (t) {
@@ -312,7 +356,18 @@ struct SwigluBackward {
   static cudaError_t run(const SwigluBackwardArgs& a, cudaStream_t s) { return launch_swiglu_backward<T>(a, s); }
 };
 
+template <typename T>
+struct Rope {
+  static cudaError_t run(const RopeArgs& a, cudaStream_t s) { return launch_rope<T>(a, s); }
+};
+
 }  // namespace
+
+cudaError_t rope(const RopeArgs& a, cudaStream_t s) {
+  if (a.batch < 0 || a.heads < 0 || a.seq < 0 || a.head_dim < 2 || a.head_dim % 2 != 0) return cudaErrorInvalidValue;
+  if (a.batch * a.heads * a.seq == 0) return cudaSuccess;
+  return by_type<Rope>(a.type, a, s);
+}
 
 cudaError_t rms_norm_forward(const RmsNormForwardArgs& a, cudaStream_t s) {
   if (a.rows < 0 || a.rows > 0x7fffffff || a.hidden < 1) return cudaErrorInvalidValue;

@@ -64,4 +64,27 @@ struct SwigluBackwardArgs {
 };
 cudaError_t swiglu_backward(const SwigluBackwardArgs& args, cudaStream_t stream);
 
+// Rotary embedding as transformers applies it (half-split rotate_half), over x viewed as
+// [batch, heads, seq, head_dim] with any strides but a contiguous last dim, cos/sin [batch, seq,
+// head_dim] (row strides given, contiguous last dim). With h = head_dim / 2 and i < h:
+//   forward:  out[i]   = round_T(round_T(x[i] c[i])     - round_T(x[i+h] s[i]))
+//             out[i+h] = round_T(round_T(x[i+h] c[i+h]) + round_T(x[i] s[i+h]))
+//   backward: dx[i]    = round_T(round_T(dy[i] c[i])     + round_T(dy[i+h] s[i+h]))
+//             dx[i+h]  = round_T(round_T(dy[i+h] c[i+h]) - round_T(dy[i] s[i]))
+// (x * cos + rotate_half(x) * sin and its autograd backward, each op rounded to T as ATen does).
+// out is written with its own strides (same layout rules as x). head_dim must be even.
+struct RopeArgs {
+  const void* x = nullptr;  // forward: x; backward: dy
+  const void* cos = nullptr;
+  const void* sin = nullptr;
+  void* out = nullptr;      // forward: out; backward: dx
+  FloatType type = FloatType::bf16;
+  bool backward = false;
+  int64_t batch = 0, heads = 0, seq = 0, head_dim = 0;
+  int64_t x_stride[3] = {0, 0, 0};    // batch, head, seq strides of x (elements)
+  int64_t out_stride[3] = {0, 0, 0};  // the same for out
+  int64_t cs_stride[2] = {0, 0};      // batch, seq strides of cos and sin (elements; one layout for both)
+};
+cudaError_t rope(const RopeArgs& args, cudaStream_t stream);
+
 }  // namespace qlora::kernels

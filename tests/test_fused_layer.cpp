@@ -1,5 +1,5 @@
-// Fused RMSNorm and SwiGLU (include/qlora/fused_layer.h). CPU: the references equal the model's
-// ATen formulas (rms_norm with the switch off; silu(g) * u) bit for bit, their backward equals
+// Fused RMSNorm, SwiGLU and RoPE (include/qlora/fused_layer.h). CPU: the references equal the
+// model's ATen formulas (rms_norm and apply_rotary with the switch off; silu(g) * u) bit for bit, their backward equals
 // autograd through those formulas (fp64 oracle), bad arguments are clear errors. GPU ([cuda]):
 // the kernels against the CPU references on odd and even sizes, every dtype, the vector and the
 // scalar (misaligned) paths; and a training run with the fused kernels against one without.
@@ -178,4 +178,60 @@ TEST_CASE("fused kernels in the decoder layer: forward and LoRA-free input gradi
   const auto [y0, g0] = run(false);
   CHECK(max_rel(y1, y0) < 1e-2);
   CHECK(max_rel(g1, g0) < 3e-2);
+}
+
+namespace {
+// q as the layer makes it: a [B, T, heads * D] projection viewed as [B, heads, T, D] (transposed).
+at::Tensor projected(int64_t B, int64_t H, int64_t T, int64_t D, uint64_t seed, at::ScalarType dt) {
+  return randn({B, T, H * D}, seed, 2.0).to(dt).view({B, T, H, D}).transpose(1, 2);
+}
+std::pair<at::Tensor, at::Tensor> cos_sin(int64_t B, int64_t T, int64_t D, uint64_t seed, at::ScalarType dt) {
+  const at::Tensor ang = randn({B, T, D}, seed, 3.0);
+  return {ang.cos().to(dt), ang.sin().to(dt)};
+}
+}  // namespace
+
+TEST_CASE("fused rope: the CPU reference equals apply_rotary; its backward equals autograd's", "[fused_layer]") {
+  for (const at::ScalarType dt : {at::kFloat, at::kBFloat16}) {
+    for (const int64_t D : {int64_t{2}, int64_t{10}, int64_t{64}}) {
+      CAPTURE(dt, D);
+      const at::Tensor x = projected(2, 3, 5, D, 31, dt);
+      const auto [c, s] = cos_sin(2, 5, D, 32, dt);
+      const FusedSwitch off(false);
+      CHECK(at::equal(qlora::rope_fused_forward(x, c, s), qlora::apply_rotary(x, c, s)));
+      const at::Tensor xa = x.detach().clone().requires_grad_(true);
+      const at::Tensor dy = randn({2, 3, 5, D}, 33).to(dt);
+      qlora::apply_rotary(xa, c, s).backward(dy);
+      CHECK(at::equal(qlora::rope_fused_backward(dy, c, s), xa.grad()));
+      const at::Tensor xf = x.detach().clone().requires_grad_(true);
+      qlora::rope_fused(xf, c, s).backward(dy);
+      CHECK(at::equal(xf.grad(), xa.grad()));
+    }
+  }
+  const at::Tensor x = projected(1, 2, 3, 8, 1, at::kFloat);
+  const auto [c, s] = cos_sin(1, 3, 8, 2, at::kFloat);
+  CHECK_THROWS_WITH(qlora::rope_fused_forward(projected(1, 2, 3, 7, 1, at::kFloat), c, s), ContainsSubstring("even head_dim"));
+  CHECK_THROWS_WITH(qlora::rope_fused_forward(x, c.narrow(1, 0, 2), s), ContainsSubstring("cos and sin must be [1, 3, 8]"));
+  CHECK_THROWS_WITH(qlora::rope_fused_forward(x, c.to(at::kBFloat16), s), ContainsSubstring("one type and device"));
+}
+
+TEST_CASE("fused rope CUDA kernel equals the CPU reference bit for bit, strided and contiguous", "[fused_layer][cuda]") {
+  QLORA_REQUIRE_CUDA();
+  const uint64_t seed = qlora::test::fresh_seed();
+  CAPTURE(seed);
+  for (const at::ScalarType dt : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (const int64_t D : {int64_t{2}, int64_t{10}, int64_t{64}, int64_t{128}}) {
+      for (const bool contiguous : {false, true}) {
+        CAPTURE(dt, D, contiguous);
+        at::Tensor x = projected(2, 5, 33, D, seed, dt);
+        if (contiguous) x = x.contiguous();
+        const auto [c, s] = cos_sin(2, 33, D, seed + 1, dt);
+        const at::Tensor dy = randn({2, 5, 33, D}, seed + 2).to(dt);
+        const at::Tensor out = qlora::rope_fused_forward(x.cuda(), c.cuda(), s.cuda());
+        CHECK(out.strides() == x.cuda().strides());  // the output keeps x's layout
+        CHECK(at::equal(out.cpu(), qlora::rope_fused_forward(x, c, s)));
+        CHECK(at::equal(qlora::rope_fused_backward(dy.cuda(), c.cuda(), s.cuda()).cpu(), qlora::rope_fused_backward(dy, c, s)));
+      }
+    }
+  }
 }

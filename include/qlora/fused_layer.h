@@ -1,6 +1,6 @@
-// Fused RMSNorm and SwiGLU (issue 11): the decoder layer's elementwise pieces as single kernels on
+// Fused RMSNorm, SwiGLU and RoPE (issue 11): the decoder layer's elementwise pieces as single kernels on
 // CUDA (kernels/fused_layer.cu), with ATen references of the same arithmetic on CPU. Used by
-// rms_norm() and the MLP of the layer loop on CUDA unless switched off (set_fused_kernels(false),
+// rms_norm(), apply_rotary() and the MLP of the layer loop on CUDA unless switched off (set_fused_kernels(false),
 // config `fused_kernels: false`, `qlora bench train --no-fused-kernels`).
 #pragma once
 #include <ATen/ATen.h>
@@ -28,10 +28,17 @@ at::Tensor swiglu_fused_forward(const at::Tensor& gate, const at::Tensor& up);
 std::tuple<at::Tensor, at::Tensor> swiglu_fused_backward(const at::Tensor& dout, const at::Tensor& gate,
                                                          const at::Tensor& up);
 
+// Rotary embedding x * cos + rotate_half(x) * sin (transformers' half split) for x [B, heads, T,
+// head_dim] (any strides, e.g. a transposed projection output) and cos/sin [B, T, head_dim] of x's
+// type; head_dim even. The output has x's shape and layout. rope_fused_backward: dx from dy.
+at::Tensor rope_fused_forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor rope_fused_backward(const at::Tensor& dy, const at::Tensor& cos, const at::Tensor& sin);
+
 // Differentiable forms (custom autograd functions over the above): RMSNorm differentiable in x
 // only (w frozen: QLoRA trains adapters, not norms); SwiGLU in gate and up. Saved for the
 // backward: x and rstd; gate and up (not silu(gate)).
 at::Tensor rms_norm_fused(const at::Tensor& x, const at::Tensor& w, double eps);
 at::Tensor swiglu_fused(const at::Tensor& gate, const at::Tensor& up);
+at::Tensor rope_fused(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);  // in x; cos/sin frozen
 
 }  // namespace qlora

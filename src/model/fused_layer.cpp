@@ -1,10 +1,11 @@
-// Fused RMSNorm and SwiGLU (include/qlora/fused_layer.h): CPU references in ATen ops, CUDA
+// Fused RMSNorm, SwiGLU and RoPE (include/qlora/fused_layer.h): CPU references in ATen ops, CUDA
 // launches of kernels/fused_layer.cu, and the autograd functions the layer loop uses on CUDA.
 #include "qlora/fused_layer.h"
 
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <atomic>
+#include <vector>
 
 #ifdef QLORA_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -174,6 +175,69 @@ std::tuple<at::Tensor, at::Tensor> swiglu_fused_backward(const at::Tensor& dout_
 
 namespace {
 
+void check_rope_args(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const char* op) {
+  check_float(x, "x", op);
+  check_same(x, cos, "x", "cos", op);
+  check_same(x, sin, "x", "sin", op);
+  TORCH_CHECK(x.dim() == 4 && x.size(-1) % 2 == 0, op, ": x must be [batch, heads, seq, head_dim] with an even head_dim, found ",
+              x.sizes());
+  const std::vector<int64_t> want = {x.size(0), x.size(2), x.size(3)};
+  TORCH_CHECK(cos.sizes() == at::IntArrayRef(want) && sin.sizes() == at::IntArrayRef(want), op, ": cos and sin must be ",
+              at::IntArrayRef(want), " for x ", x.sizes(), ", found ", cos.sizes(), " and ", sin.sizes());
+}
+
+// The rotation's other half: forward rotate_half(v) = cat(-v[h:], v[:h]); the backward's
+// transpose cat(v[h:], -v[:h]).
+at::Tensor rotate_half(const at::Tensor& v, bool transpose) {
+  const int64_t h = v.size(-1) / 2;
+  const at::Tensor lo = v.narrow(-1, 0, h), hi = v.narrow(-1, h, h);
+  return transpose ? at::cat({hi, -lo}, -1) : at::cat({-hi, lo}, -1);
+}
+
+#ifdef QLORA_WITH_CUDA
+at::Tensor rope_cuda(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in, bool backward) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.stride(-1) == 1 ? x_in : x_in.contiguous();
+  const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  // Output in x's layout (e.g. [B, T, heads, D] memory seen as [B, heads, T, D]).
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Preserve);
+  if (out.stride(-1) != 1) out = at::empty(x.sizes(), x.options());
+  kernels::RopeArgs a;
+  a.x = x.data_ptr();
+  a.cos = cos.data_ptr();
+  a.sin = sin.data_ptr();
+  a.out = out.data_ptr();
+  a.type = float_type(x.scalar_type());
+  a.backward = backward;
+  a.batch = x.size(0), a.heads = x.size(1), a.seq = x.size(2), a.head_dim = x.size(3);
+  for (int d = 0; d < 3; ++d) a.x_stride[d] = x.stride(d), a.out_stride[d] = out.stride(d);
+  a.cs_stride[0] = cos.stride(0), a.cs_stride[1] = cos.stride(1);
+  check_launch(kernels::rope(a, at::cuda::getCurrentCUDAStream(x.device().index())), "rope");
+  return out;
+}
+#endif
+
+}  // namespace
+
+at::Tensor rope_fused_forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  check_rope_args(x, cos, sin, "rope");
+#ifdef QLORA_WITH_CUDA
+  if (x.is_cuda()) return rope_cuda(x, cos, sin, false);
+#endif
+  return x * cos.unsqueeze(1) + rotate_half(x, false) * sin.unsqueeze(1);  // = apply_rotary's ATen ops
+}
+
+at::Tensor rope_fused_backward(const at::Tensor& dy, const at::Tensor& cos, const at::Tensor& sin) {
+  check_rope_args(dy, cos, sin, "rope backward");
+#ifdef QLORA_WITH_CUDA
+  if (dy.is_cuda()) return rope_cuda(dy, cos, sin, true);
+#endif
+  // Autograd's arithmetic: dy * cos, plus the transposed rotation of dy * sin.
+  return dy * cos.unsqueeze(1) + rotate_half(dy * sin.unsqueeze(1), true);
+}
+
+namespace {
+
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -201,7 +265,25 @@ struct SwigluFunction : public torch::autograd::Function<SwigluFunction> {
   }
 };
 
+struct RopeFunction : public torch::autograd::Function<RopeFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+    ctx->save_for_backward({cos, sin});
+    return rope_fused_forward(x, cos, sin);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list s = ctx->get_saved_variables();
+    return {rope_fused_backward(grad_outputs[0], s[0], s[1]), at::Tensor(), at::Tensor()};
+  }
+};
+
 }  // namespace
+
+at::Tensor rope_fused(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(!at::GradMode::is_enabled() || (!cos.requires_grad() && !sin.requires_grad()),
+              "rope_fused: cos and sin must be frozen (they get no gradient)");
+  if (!at::GradMode::is_enabled() || !x.requires_grad()) return rope_fused_forward(x, cos, sin);
+  return RopeFunction::apply(x, cos, sin);
+}
 
 at::Tensor rms_norm_fused(const at::Tensor& x, const at::Tensor& w, double eps) {
   TORCH_CHECK(!w.requires_grad() || !at::GradMode::is_enabled(),

@@ -1,7 +1,7 @@
-// Kernels of qlora::rms_norm, qlora::swiglu and their pieces (schemas in library.cpp). CPU and
+// Kernels of qlora::rms_norm, qlora::swiglu, qlora::rope and their pieces (schemas in library.cpp). CPU and
 // CUDA go through include/qlora/fused_layer.h (the ATen reference on CPU, the fused kernels on
 // CUDA); Meta gives shapes only. Autograd: custom functions whose forward calls the op below
-// autograd and whose backward calls _rms_norm_bwd / _swiglu_bwd through the dispatcher.
+// autograd and whose backward calls _rms_norm_bwd / _swiglu_bwd / _rope_bwd through the dispatcher.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -17,22 +17,50 @@ namespace {
 using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
 
 // ---- CPU / CUDA ---------------------------------------------------------------------------------
+// Outputs are contiguous, as the Meta kernels promise (inductor checks the strides it was told;
+// the C++ functions keep x's layout for a strided input, which the layer loop wants).
 
 at::Tensor rms_norm_op(const at::Tensor& x, const at::Tensor& w, double eps) {
-  return std::get<0>(rms_norm_fused_forward(x, w, eps, /*want_rstd=*/false));
+  return std::get<0>(rms_norm_fused_forward(x, w, eps, /*want_rstd=*/false)).contiguous();
 }
 Tensor2 rms_norm_fwd_op(const at::Tensor& x, const at::Tensor& w, double eps) {
-  return rms_norm_fused_forward(x, w, eps, /*want_rstd=*/true);
+  auto [out, rstd] = rms_norm_fused_forward(x, w, eps, /*want_rstd=*/true);
+  return {out.contiguous(), rstd.contiguous()};
 }
 at::Tensor rms_norm_bwd_op(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd) {
-  return rms_norm_fused_backward(grad, x, w, rstd);
+  return rms_norm_fused_backward(grad, x, w, rstd).contiguous();
 }
-at::Tensor swiglu_op(const at::Tensor& gate, const at::Tensor& up) { return swiglu_fused_forward(gate, up); }
+at::Tensor swiglu_op(const at::Tensor& gate, const at::Tensor& up) {
+  return swiglu_fused_forward(gate, up).contiguous();
+}
 Tensor2 swiglu_bwd_op(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up) {
-  return swiglu_fused_backward(grad, gate, up);
+  auto [d_gate, d_up] = swiglu_fused_backward(grad, gate, up);
+  return {d_gate.contiguous(), d_up.contiguous()};
+}
+
+at::Tensor rope_op(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  return rope_fused_forward(x, cos, sin).contiguous();
+}
+at::Tensor rope_bwd_op(const at::Tensor& grad, const at::Tensor& cos, const at::Tensor& sin) {
+  return rope_fused_backward(grad, cos, sin).contiguous();
 }
 
 // ---- Meta ---------------------------------------------------------------------------------------
+
+void check_rope_meta(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 4 && cos.dim() == 3 && sin.dim() == 3,
+              "rope: x must be [batch, heads, seq, head_dim] and cos/sin [batch, seq, head_dim], found ", x.sym_sizes(),
+              ", ", cos.sym_sizes(), ", ", sin.sym_sizes());
+  for (const at::Tensor* t : {&cos, &sin}) {
+    TORCH_SYM_CHECK(t->sym_size(0).sym_eq(x.sym_size(0)), "rope: cos/sin batch must be ", x.sym_size(0));
+    TORCH_SYM_CHECK(t->sym_size(1).sym_eq(x.sym_size(2)), "rope: cos/sin seq must be ", x.sym_size(2));
+    TORCH_SYM_CHECK(t->sym_size(2).sym_eq(x.sym_size(3)), "rope: cos/sin head_dim must be ", x.sym_size(3));
+  }
+}
+at::Tensor rope_meta(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  check_rope_meta(x, cos, sin);
+  return at::empty_symint(x.sym_sizes(), x.options());
+}
 
 void check_norm_meta(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() >= 1 && w.dim() == 1, "rms_norm: x must be [..., hidden] and weight [hidden], found ",
@@ -137,6 +165,34 @@ at::Tensor swiglu_autograd(const at::Tensor& gate, const at::Tensor& up) {
   return SwigluOpFunction::apply(gate, up);
 }
 
+struct RopeOpFunction : public torch::autograd::Function<RopeOpFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+    static const auto op =
+        op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>("qlora::rope");
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({cos, sin});
+    return op.call(x, cos, sin);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    static const auto bwd =
+        op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>("qlora::_rope_bwd");
+    const variable_list s = ctx->get_saved_variables();
+    return {bwd.call(grad_outputs[0], s[0], s[1]), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor rope_autograd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(!(at::GradMode::is_enabled() && (cos.requires_grad() || sin.requires_grad())),
+              "qlora::rope: cos and sin get no gradient; pass them frozen");
+  if (!(at::GradMode::is_enabled() && x.requires_grad())) {
+    static const auto op =
+        op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>("qlora::rope");
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(x, cos, sin);
+  }
+  return RopeOpFunction::apply(x, cos, sin);
+}
+
 }  // namespace
 }  // namespace qlora
 
@@ -146,6 +202,8 @@ TORCH_LIBRARY_IMPL(qlora, CPU, m) {
   m.impl("_rms_norm_bwd", &qlora::rms_norm_bwd_op);
   m.impl("swiglu", &qlora::swiglu_op);
   m.impl("_swiglu_bwd", &qlora::swiglu_bwd_op);
+  m.impl("rope", &qlora::rope_op);
+  m.impl("_rope_bwd", &qlora::rope_bwd_op);
 }
 
 #ifdef QLORA_WITH_CUDA
@@ -155,6 +213,8 @@ TORCH_LIBRARY_IMPL(qlora, CUDA, m) {
   m.impl("_rms_norm_bwd", &qlora::rms_norm_bwd_op);
   m.impl("swiglu", &qlora::swiglu_op);
   m.impl("_swiglu_bwd", &qlora::swiglu_bwd_op);
+  m.impl("rope", &qlora::rope_op);
+  m.impl("_rope_bwd", &qlora::rope_bwd_op);
 }
 #endif
 
@@ -164,6 +224,8 @@ TORCH_LIBRARY_IMPL(qlora, Meta, m) {
   m.impl("_rms_norm_bwd", &qlora::rms_norm_bwd_meta);
   m.impl("swiglu", &qlora::swiglu_meta);
   m.impl("_swiglu_bwd", &qlora::swiglu_bwd_meta);
+  m.impl("rope", &qlora::rope_meta);
+  m.impl("_rope_bwd", &qlora::rope_meta);
 }
 
 TORCH_LIBRARY_IMPL(qlora, Autograd, m) {
@@ -172,4 +234,6 @@ TORCH_LIBRARY_IMPL(qlora, Autograd, m) {
   m.impl("_rms_norm_fwd", torch::CppFunction::makeFallthrough());
   m.impl("_rms_norm_bwd", torch::CppFunction::makeFallthrough());
   m.impl("_swiglu_bwd", torch::CppFunction::makeFallthrough());
+  m.impl("rope", &qlora::rope_autograd);
+  m.impl("_rope_bwd", torch::CppFunction::makeFallthrough());
 }

@@ -35,7 +35,7 @@ TORCH_LIBRARY(qlora, m) {
   m.def("nf4_lora_linear(Tensor x, Tensor packed, Tensor absmax, Tensor absmax2, Tensor code2, Tensor offset, "
         "int blocksize, SymInt[] shape, Tensor? bias=None, Tensor? lora_a=None, Tensor? lora_b=None, "
         "float scale=1.0) -> Tensor");
-  // Fused RMSNorm and SwiGLU (include/qlora/fused_layer.h): rms_norm differentiable in x (the norm
+  // Fused RMSNorm, SwiGLU and RoPE (include/qlora/fused_layer.h): rms_norm differentiable in x (the norm
   // weight is frozen), swiglu = silu(gate) * up in both. _rms_norm_fwd also returns 1/rms per row
   // (fp32 [rows]); _rms_norm_bwd and _swiglu_bwd are the backward pieces of their Autograd
   // kernels, dispatcher calls so that torch.compile traces them (not differentiable themselves).
@@ -44,4 +44,8 @@ TORCH_LIBRARY(qlora, m) {
   m.def("_rms_norm_bwd(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> Tensor");
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   m.def("_swiglu_bwd(Tensor grad, Tensor gate, Tensor up) -> (Tensor d_gate, Tensor d_up)");
+  // Rotary embedding x * cos + rotate_half(x) * sin, x [B, heads, T, head_dim], cos/sin [B, T,
+  // head_dim]; differentiable in x (cos/sin frozen); _rope_bwd: dx from the output's gradient.
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("_rope_bwd(Tensor grad, Tensor cos, Tensor sin) -> Tensor");
 }

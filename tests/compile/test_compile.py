@@ -4,8 +4,8 @@
 
 (a) torch.library.opcheck on every qlora op (schema, autograd registration, fake tensors,
     AOT dispatch with dynamic shapes), odd sizes, requires_grad inputs where differentiable;
-(b) a Llama decoder block written here in plain PyTorch on our ops -- qlora.rms_norm, rotary (HF
-    half-split), GQA causal SDPA, qlora.nf4_lora_linear for all seven projections (base weights
+(b) a Llama decoder block written here in plain PyTorch on our ops -- qlora.rms_norm, qlora.rope
+    (HF half-split rotary), GQA causal SDPA, qlora.nf4_lora_linear for all seven projections (base weights
     from qlora.nf4_quantize), qlora.swiglu -- then the final norm and qlora.fused_linear_cross_entropy
     with an lm_head, compiled with torch.compile(fullgraph=True, dynamic=True) (inductor) and run
     as a training step for sequence lengths 128, 256, 384, 512: 0 graph breaks, <= 30 compilations,
@@ -13,7 +13,7 @@
 
 Tolerance, compiled vs eager, as max |diff| / max |eager| per tensor (the loss; each LoRA
 gradient): fp32 (CPU default) 1e-5; bf16 compute with fp32 LoRA masters (CUDA default) 5e-2
-(inductor fuses the bf16 rotary arithmetic in fp32 where eager rounds each op to bf16).
+(the LoRA GEMMs and the attention run in bf16; inductor may reorder the elementwise work around them).
 
     python tests/compile/test_compile.py --lib build/libqlora_ops.so [--device cuda]
 Exit status: 0 pass, 1 a check failed, 77 (skipped) when the library or a module is missing.
@@ -120,6 +120,14 @@ def opchecks(dev, dt):
         run_opcheck(f"swiglu n={3 * 5 * hidden}", q.swiglu.default, (gate, up))
         run_opcheck(f"_swiglu_bwd n={3 * 5 * hidden}", q._swiglu_bwd.default,
                     (rnd(3, 5, hidden), gate.detach(), up.detach()))
+    for head_dim in (6, 16):
+        x = rnd(2, 3, 5, head_dim, grad=True)
+        ang = rnd(2, 5, head_dim, scale=3.0, dtype=torch.float32)
+        cos, sin = ang.cos().to(dt), ang.sin().to(dt)
+        run_opcheck(f"rope head_dim={head_dim}", q.rope.default, (x, cos, sin))
+        run_opcheck(f"rope head_dim={head_dim} transposed x", q.rope.default,
+                    (rnd(2, 5, 3, head_dim).transpose(1, 2).requires_grad_(True), cos, sin))
+        run_opcheck(f"_rope_bwd head_dim={head_dim}", q._rope_bwd.default, (rnd(2, 3, 5, head_dim), cos, sin))
 
 
 # ---- (b) a Llama decoder block on our ops ------------------------------------------------------
@@ -153,11 +161,6 @@ def rms_norm(x, w, eps=1e-5):
     return torch.ops.qlora.rms_norm(x, w, eps)
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class LlamaBlockLM(torch.nn.Module):
     def __init__(self, dev, dt, hidden=64, heads=4, kv_heads=2, inter=176, vocab=257, r=8, alpha=16):
         super().__init__()
@@ -187,7 +190,8 @@ class LlamaBlockLM(torch.nn.Module):
         freqs = torch.arange(t, device=ids.device, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        cos, sin = cos.expand(bsz, t, -1), sin.expand(bsz, t, -1)
+        q, k = torch.ops.qlora.rope(q, cos, sin), torch.ops.qlora.rope(k, cos, sin)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         h = h + p["o_proj"](a.transpose(1, 2).reshape(bsz, t, -1))
         x = rms_norm(h, self.norm_post)
