@@ -329,68 +329,47 @@ cudaError_t launch_rope(const RopeArgs& a, cudaStream_t s) {
   return cudaGetLastError();
 }
 
-template <template <typename> class Launch, typename Args>
-cudaError_t by_type(FloatType t, const Args& a, cudaStream_t s) {
+// launch(T{}) for the storage type t: the one place a FloatType becomes a C++ type.
+template <typename Launch>
+cudaError_t by_type(FloatType t, Launch&& launch) {
   switch (t) {
-    case FloatType::f32: return Launch<float>::run(a, s);
-    case FloatType::f16: return Launch<__half>::run(a, s);
-    case FloatType::bf16: return Launch<__nv_bfloat16>::run(a, s);
+    case FloatType::f32: return launch(float{});
+    case FloatType::f16: return launch(__half{});
+    case FloatType::bf16: return launch(__nv_bfloat16{});
   }
   return cudaErrorInvalidValue;
 }
-
-template <typename T>
-struct RmsForward {
-  static cudaError_t run(const RmsNormForwardArgs& a, cudaStream_t s) { return launch_rms_forward<T>(a, s); }
-};
-template <typename T>
-struct RmsBackward {
-  static cudaError_t run(const RmsNormBackwardArgs& a, cudaStream_t s) { return launch_rms_backward<T>(a, s); }
-};
-template <typename T>
-struct SwigluForward {
-  static cudaError_t run(const SwigluForwardArgs& a, cudaStream_t s) { return launch_swiglu_forward<T>(a, s); }
-};
-template <typename T>
-struct SwigluBackward {
-  static cudaError_t run(const SwigluBackwardArgs& a, cudaStream_t s) { return launch_swiglu_backward<T>(a, s); }
-};
-
-template <typename T>
-struct Rope {
-  static cudaError_t run(const RopeArgs& a, cudaStream_t s) { return launch_rope<T>(a, s); }
-};
 
 }  // namespace
 
 cudaError_t rope(const RopeArgs& a, cudaStream_t s) {
   if (a.batch < 0 || a.heads < 0 || a.seq < 0 || a.head_dim < 2 || a.head_dim % 2 != 0) return cudaErrorInvalidValue;
   if (a.batch * a.heads * a.seq == 0) return cudaSuccess;
-  return by_type<Rope>(a.type, a, s);
+  return by_type(a.type, [&](auto t) { return launch_rope<decltype(t)>(a, s); });
 }
 
 cudaError_t rms_norm_forward(const RmsNormForwardArgs& a, cudaStream_t s) {
   if (a.rows < 0 || a.rows > 0x7fffffff || a.hidden < 1) return cudaErrorInvalidValue;
   if (a.rows == 0) return cudaSuccess;
-  return by_type<RmsForward>(a.type, a, s);
+  return by_type(a.type, [&](auto t) { return launch_rms_forward<decltype(t)>(a, s); });
 }
 
 cudaError_t rms_norm_backward(const RmsNormBackwardArgs& a, cudaStream_t s) {
   if (a.rows < 0 || a.rows > 0x7fffffff || a.hidden < 1) return cudaErrorInvalidValue;
   if (a.rows == 0) return cudaSuccess;
-  return by_type<RmsBackward>(a.type, a, s);
+  return by_type(a.type, [&](auto t) { return launch_rms_backward<decltype(t)>(a, s); });
 }
 
 cudaError_t swiglu_forward(const SwigluForwardArgs& a, cudaStream_t s) {
   if (a.n < 0) return cudaErrorInvalidValue;
   if (a.n == 0) return cudaSuccess;
-  return by_type<SwigluForward>(a.type, a, s);
+  return by_type(a.type, [&](auto t) { return launch_swiglu_forward<decltype(t)>(a, s); });
 }
 
 cudaError_t swiglu_backward(const SwigluBackwardArgs& a, cudaStream_t s) {
   if (a.n < 0) return cudaErrorInvalidValue;
   if (a.n == 0) return cudaSuccess;
-  return by_type<SwigluBackward>(a.type, a, s);
+  return by_type(a.type, [&](auto t) { return launch_swiglu_backward<decltype(t)>(a, s); });
 }
 
 }  // namespace qlora::kernels

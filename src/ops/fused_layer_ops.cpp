@@ -196,26 +196,25 @@ at::Tensor rope_autograd(const at::Tensor& x, const at::Tensor& cos, const at::T
 }  // namespace
 }  // namespace qlora
 
-TORCH_LIBRARY_IMPL(qlora, CPU, m) {
-  m.impl("rms_norm", &qlora::rms_norm_op);
-  m.impl("_rms_norm_fwd", &qlora::rms_norm_fwd_op);
-  m.impl("_rms_norm_bwd", &qlora::rms_norm_bwd_op);
-  m.impl("swiglu", &qlora::swiglu_op);
-  m.impl("_swiglu_bwd", &qlora::swiglu_bwd_op);
-  m.impl("rope", &qlora::rope_op);
-  m.impl("_rope_bwd", &qlora::rope_bwd_op);
+namespace qlora {
+namespace {
+// CPU and CUDA share their kernels (the C++ functions dispatch on the device).
+void impl_backend(torch::Library& m) {
+  m.impl("rms_norm", &rms_norm_op);
+  m.impl("_rms_norm_fwd", &rms_norm_fwd_op);
+  m.impl("_rms_norm_bwd", &rms_norm_bwd_op);
+  m.impl("swiglu", &swiglu_op);
+  m.impl("_swiglu_bwd", &swiglu_bwd_op);
+  m.impl("rope", &rope_op);
+  m.impl("_rope_bwd", &rope_bwd_op);
 }
+}  // namespace
+}  // namespace qlora
+
+TORCH_LIBRARY_IMPL(qlora, CPU, m) { qlora::impl_backend(m); }
 
 #ifdef QLORA_WITH_CUDA
-TORCH_LIBRARY_IMPL(qlora, CUDA, m) {
-  m.impl("rms_norm", &qlora::rms_norm_op);
-  m.impl("_rms_norm_fwd", &qlora::rms_norm_fwd_op);
-  m.impl("_rms_norm_bwd", &qlora::rms_norm_bwd_op);
-  m.impl("swiglu", &qlora::swiglu_op);
-  m.impl("_swiglu_bwd", &qlora::swiglu_bwd_op);
-  m.impl("rope", &qlora::rope_op);
-  m.impl("_rope_bwd", &qlora::rope_bwd_op);
-}
+TORCH_LIBRARY_IMPL(qlora, CUDA, m) { qlora::impl_backend(m); }
 #endif
 
 TORCH_LIBRARY_IMPL(qlora, Meta, m) {
