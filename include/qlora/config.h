@@ -71,7 +71,9 @@ struct TrainConfig {
   bool activation_offloading = false;      // checkpointing: keep the layer inputs in pinned CPU memory
   int64_t gradient_checkpointing_layers = -1;  // checkpointing: the first N layers recompute, the others
                                                // keep their activations (-1: every layer recomputes)
-  bool fused_kernels = true;              // CUDA: fused RMSNorm / SwiGLU kernels (false: ATen ops)
+  bool fused_kernels = true;              // CUDA: fused RMSNorm / SwiGLU / RoPE kernels (false: ATen ops)
+  int64_t nonfinite_skip_limit = 0;       // bf16/fp32: steps with a non-finite loss/gradients skipped
+                                          // before training stops (fp16 always skips and lowers the scale)
   bool fsdp_reshard_after_forward = true;  // multi-GPU: free each gathered layer after its forward
   bool fsdp_reduce_in_compute_dtype = false;  // multi-GPU: reduce-scatter LoRA grads in fp16/bf16, not fp32
   Bf16Mode bf16 = Bf16Mode::auto_;        // auto: bf16 where the GPU has it

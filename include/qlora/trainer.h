@@ -35,7 +35,13 @@ struct TrainerOptions {
   double init_loss_scale = 0.0;        // > 0: the scaler's initial scale (default GradScaler's 2^16)
   bool write_outputs = true;           // false: no metrics/svg/checkpoints/adapter (unit tests)
   int64_t throw_at_step = -1;          // test hook: this rank throws before step N+1 (launcher tests)
+  std::string inject_oom_phase;        // test hook: "load", "forward", "loss", "backward" or
+                                       // "optimizer": a c10::OutOfMemoryError when that phase starts
 };
+
+// The phases of training an out-of-memory error is reported in (OutOfMemory, exit status 3).
+enum class TrainPhase { load, forward, loss, backward, optimizer };
+const char* to_string(TrainPhase phase);
 
 // Where the micro-batch stream stands: epoch e's plan is plan_micro_batches with seed + e, and
 // `micro_batch` indexes into it. Saved in checkpoints so a resumed run sees the same batches.
@@ -79,8 +85,16 @@ struct Trainer {
   std::optional<LossScaler> scaler;                  // fp16 (or options.force_loss_scaler)
 
   int64_t step = 0;                                  // optimizer steps taken (skipped ones count)
+  int64_t nonfinite_steps = 0;                       // steps skipped for non-finite loss/gradients (no scaler)
   int64_t total_steps = 0;
+  TrainPhase phase = TrainPhase::load;               // what the step is doing (for OOM reports)
 };
+
+// Marks the start of a phase (and fires options.inject_oom_phase when it names it).
+void enter_phase(Trainer& trainer, TrainPhase phase);
+// The one-line report of an out-of-memory error in trainer.phase: the phase, the step, the
+// memory in use, and what to lower, by what the config has.
+std::string out_of_memory_message(const Trainer& trainer, const std::string& what);
 
 // Device ("auto" -> cuda:0 when CUDA is present, else cpu) and compute dtype (fp16 when
 // config.fp16; bf16 when config.bf16 is on, or auto on a GPU that has it; fp32 on the CPU unless
@@ -135,6 +149,11 @@ StepResult train_step(Trainer& trainer);
 
 // Mean loss over every target token of the val split (no grad, no dropout); nullopt when empty.
 std::optional<double> evaluate(Trainer& trainer);
+
+// The non-finite policy (no loss scaler, i.e. bf16/fp32): a step whose loss or gradients are not
+// finite was skipped (no AdamW update); up to config.nonfinite_skip_limit such steps are allowed,
+// the next one throws TrainingStopped naming the step and `last_good_checkpoint` (may be empty).
+void check_nonfinite_step(Trainer& trainer, const StepResult& result, const std::filesystem::path& last_good_checkpoint);
 
 // Checkpoint contents (LoRA masters, optimizer, scheduler step, loss scaler, RNG, data position).
 std::filesystem::path save_trainer_checkpoint(Trainer& trainer);

@@ -66,6 +66,12 @@ int run(int argc, char** argv) {
   } catch (const UserError& e) {
     log_error(e.what());
     return kExitUserError;
+  } catch (const OutOfMemory& e) {
+    log_error(e.what());
+    return kExitOutOfMemory;
+  } catch (const TrainingStopped& e) {
+    log_error(e.what());
+    return kExitTrainingStopped;
   } catch (const c10::Error& e) {
     log_error(cat("internal error: ", e.what_without_backtrace()));
     return kExitInternal;

@@ -1,6 +1,8 @@
 // qlora train CONFIG [key=value ...]: fine-tune a LoRA adapter (src/train/trainer.cpp). Exit 0
 // when the run finished or was stopped cleanly by SIGINT/SIGTERM (a checkpoint was written;
-// resume_from_checkpoint=auto continues it). Started by scripts/launch or torchrun (WORLD_SIZE
+// resume_from_checkpoint=auto continues it); 2 bad input; 3 out of GPU memory (the message names the
+// phase and what to lower); 4 training stopped on non-finite losses (bf16/fp32, beyond
+// nonfinite_skip_limit; the message names the step and the last good checkpoint). Started by scripts/launch or torchrun (WORLD_SIZE
 // set), each process is one rank: device cuda:LOCAL_RANK (with device: auto), collectives over
 // NCCL (CPU: the TCPStore engine), layers and LoRA sharded; rank > 0 logs warnings only.
 #include <cstdlib>
@@ -26,6 +28,13 @@ int64_t test_throw_step(int rank) {
   return r == rank ? step : -1;
 }
 
+// Fault-injection hooks of the tests (never set by users): QLORA_TEST_OOM_PHASE=PHASE (an
+// out-of-memory error when that phase starts), QLORA_TEST_OVERFLOW_STEP=N (step N's loss times inf).
+void read_test_hooks(TrainerOptions& o) {
+  if (const char* v = std::getenv("QLORA_TEST_OOM_PHASE")) o.inject_oom_phase = v;
+  if (const char* v = std::getenv("QLORA_TEST_OVERFLOW_STEP")) o.inject_overflow_step = std::atoll(v);
+}
+
 }  // namespace
 
 CommandFn add_train_command(CLI::App& app) {
@@ -41,6 +50,7 @@ CommandFn add_train_command(CLI::App& app) {
     TrainConfig config = load_config(st->config_path, st->overrides);
     const std::optional<DistEnv> env = read_dist_env();
     TrainerOptions options;
+    read_test_hooks(options);
     if (!env) {
       options.throw_at_step = test_throw_step(0);
       run_training(config, options);

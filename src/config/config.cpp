@@ -228,7 +228,10 @@ const std::vector<KeySpec>& key_table() {
               "with gradient_checkpointing: only the first N layers recompute in backward, the others keep their "
               "activations (faster, more memory); -1: every layer"),
       bool_key("fused_kernels", &TrainConfig::fused_kernels,
-               "CUDA: fused RMSNorm and SwiGLU kernels in the layer loop (false: the same math as separate ATen ops)"),
+               "CUDA: fused RMSNorm, SwiGLU and RoPE kernels in the layer loop (false: the same math as separate ATen ops)"),
+      int_key("nonfinite_skip_limit", &TrainConfig::nonfinite_skip_limit, 0, INT64_MAX,
+              "bf16/fp32: how many steps with a non-finite loss or gradients are skipped (no update) before training "
+              "stops with exit status 4 naming the last good checkpoint (fp16 skips them and lowers the loss scale)"),
       float_key("gpu_memory_limit", &TrainConfig::gpu_memory_limit, 0, 1e6, false, false,
                 "GiB of GPU memory this run may use (the caching allocator's cap; 0: no cap), e.g. 15 to rehearse a 16 GB T4"),
       bool_key("fsdp_reshard_after_forward", &TrainConfig::fsdp_reshard_after_forward,

@@ -175,8 +175,10 @@ Tokenizer load_train_tokenizer(const TrainConfig& config, int64_t model_vocab_si
   return tok;
 }
 
-Trainer make_trainer(const TrainConfig& config, const TrainerOptions& options, std::shared_ptr<Collective> comm,
-                     TrainerInputs inputs) {
+namespace {
+
+Trainer build_trainer(const TrainConfig& config, const TrainerOptions& options, std::shared_ptr<Collective> comm,
+                      TrainerInputs inputs) {
   Trainer t;
   t.config = config;
   t.options = options;
@@ -215,6 +217,7 @@ Trainer make_trainer(const TrainConfig& config, const TrainerOptions& options, s
       throw std::invalid_argument("make_trainer: the given model is not on the config's device and compute dtype");
     t.model = std::move(*inputs.model);
   } else {
+    enter_phase(t, TrainPhase::load);
     t.model = load_llama(config.base_model, mo);
   }
   log_info(cat("model ", given_model ? std::string("(built in memory)") : config.base_model, ": ", t.model.layers.size(),
@@ -295,6 +298,23 @@ Trainer make_trainer(const TrainConfig& config, const TrainerOptions& options, s
                config.activation_offloading ? " (layer inputs offloaded to pinned CPU memory)" : "",
                t.scaler ? ", dynamic loss scaling" : ""));
   return t;
+}
+
+}  // namespace
+
+// Setup runs out of GPU memory while it loads the model (or moves the adapter and optimizer
+// state to the GPU): one OutOfMemory report for the "load" phase.
+Trainer make_trainer(const TrainConfig& config, const TrainerOptions& options, std::shared_ptr<Collective> comm,
+                     TrainerInputs inputs) {
+  try {
+    return build_trainer(config, options, std::move(comm), std::move(inputs));
+  } catch (const c10::OutOfMemoryError& e) {
+    Trainer t;
+    t.config = config;
+    t.device = resolve_train_device(config.device);
+    t.phase = TrainPhase::load;
+    throw OutOfMemory(out_of_memory_message(t, e.what_without_backtrace()));
+  }
 }
 
 // ---- checkpoints ------------------------------------------------------------------------------
@@ -469,6 +489,8 @@ TrainRunResult run_training(const TrainConfig& config, const TrainerOptions& opt
       if (t.scaler) rec["loss_scale"] = loss_scale_value(*t.scaler);
       append_metrics(*metrics, rec);
     }
+    // bf16/fp32: a skipped non-finite step counts against nonfinite_skip_limit (then: exit 4).
+    check_nonfinite_step(t, r, result.last_checkpoint.empty() && resume ? *resume : result.last_checkpoint);
     if (config.eval_steps > 0 && t.step % config.eval_steps == 0 && run_eval()) last_eval = t.step;
     // A signal on any rank stops every rank after this same step.
     at::Tensor stop_flag = at::full({1}, g_stop_signal.load() != 0 ? 1.0 : 0.0,

@@ -10,7 +10,14 @@
 #include <cmath>
 #include <limits>
 #include <mutex>
+#include <string>
+#include <vector>
 
+#ifdef QLORA_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+#include "qlora/config.h"
 #include "qlora/error.h"
 #include "qlora/flce.h"
 #include "qlora/log.h"
@@ -48,6 +55,81 @@ at::Tensor head_loss(const Trainer& t, const at::Tensor& h, const at::Tensor& ta
 
 }  // namespace
 
+const char* to_string(TrainPhase phase) {
+  switch (phase) {
+    case TrainPhase::load: return "load";
+    case TrainPhase::forward: return "forward";
+    case TrainPhase::loss: return "loss";
+    case TrainPhase::backward: return "backward";
+    case TrainPhase::optimizer: return "optimizer";
+  }
+  return "?";
+}
+
+void enter_phase(Trainer& t, TrainPhase phase) {
+  t.phase = phase;
+  if (!t.options.inject_oom_phase.empty() && t.options.inject_oom_phase == to_string(phase))
+    TORCH_CHECK_WITH(OutOfMemoryError, false, "test hook: CUDA out of memory at the start of the ", to_string(phase),
+                     " phase");
+}
+
+std::string out_of_memory_message(const Trainer& t, const std::string& what) {
+  const TrainConfig& c = t.config;
+  std::string where = cat("out of GPU memory in the ", to_string(t.phase),
+                          t.phase == TrainPhase::load ? std::string(" of ") + c.base_model : cat(" of step ", t.step + 1));
+#ifdef QLORA_WITH_CUDA
+  if (t.device.is_cuda()) {
+    const auto st = c10::cuda::CUDACachingAllocator::getDeviceStats(t.device.index());
+    const auto agg = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    where += cat(" on ", t.device.str(), " (", fixed(static_cast<double>(st.allocated_bytes[agg].current) / (1 << 30), 2),
+                 " GiB in tensors, ", fixed(static_cast<double>(st.reserved_bytes[agg].current) / (1 << 30), 2),
+                 " GiB reserved", c.gpu_memory_limit > 0 ? cat(", gpu_memory_limit ", c.gpu_memory_limit, " GiB") : "",
+                 ")");
+  }
+#endif
+  // What to lower, the cheapest first for this phase and config.
+  std::vector<std::string> fixes;
+  if (t.phase == TrainPhase::load) {
+    if (!c.load_in_4bit) fixes.push_back("load_in_4bit: true (adapter: qlora)");
+    if (c.gpu_memory_limit > 0) fixes.push_back(cat("gpu_memory_limit (", c.gpu_memory_limit, ")"));
+    fixes.push_back("a GPU with more memory, or more GPUs (scripts/launch shards the layers)");
+  } else {
+    if (!c.gradient_checkpointing) fixes.push_back("gradient_checkpointing: true");
+    else if (c.gradient_checkpointing_layers >= 0)
+      fixes.push_back(cat("more recomputed layers (gradient_checkpointing_layers: ", c.gradient_checkpointing_layers,
+                          ", -1 = all)"));
+    if (c.micro_batch_size > 1) fixes.push_back(cat("micro_batch_size (", c.micro_batch_size, ")"));
+    fixes.push_back(cat("sequence_len (", c.sequence_len, ")"));
+    if (c.gradient_checkpointing && !c.activation_offloading) fixes.push_back("activation_offloading: true");
+    if (t.phase == TrainPhase::optimizer || c.lora_r > 16) fixes.push_back(cat("lora_r (", c.lora_r, ")"));
+  }
+  std::string lower;
+  for (size_t i = 0; i < fixes.size(); ++i) lower += (i == 0 ? "" : i + 1 == fixes.size() ? ", or " : ", ") + fixes[i];
+  std::string first = what.substr(0, what.find('\n'));
+  if (first.size() > 160) first = first.substr(0, 160) + "...";
+  return cat(where, ": try ", lower, " [", first, "]");
+}
+
+void check_nonfinite_step(Trainer& t, const StepResult& r, const std::filesystem::path& last_good) {
+  if (t.scaler || (!r.skipped && std::isfinite(r.loss))) return;  // fp16: the scaler's business
+  ++t.nonfinite_steps;
+  if (t.nonfinite_steps <= t.config.nonfinite_skip_limit) {
+    log_warn(cat("step ", t.step, ": non-finite loss or gradients (loss ", r.loss, ", grad-norm ", r.grad_norm,
+                 "), no update; ", t.nonfinite_steps, " of nonfinite_skip_limit ", t.config.nonfinite_skip_limit,
+                 " such steps so far"));
+    return;
+  }
+  throw TrainingStopped(cat(
+      "step ", t.step, ": the loss or the gradients are not finite (loss ", r.loss, ", grad-norm ", r.grad_norm, ") with ",
+      c10::toString(t.compute_dtype), " compute; stopped",
+      t.config.nonfinite_skip_limit > 0 ? cat(" after ", t.nonfinite_steps, " such steps (nonfinite_skip_limit ",
+                                              t.config.nonfinite_skip_limit, ")")
+                                        : std::string(),
+      ". Last good checkpoint: ",
+      last_good.empty() ? std::string("none written yet") : last_good.string() + " (resume_from_checkpoint=auto)",
+      "; lower learning_rate, or set nonfinite_skip_limit: N to skip such steps"));
+}
+
 std::vector<int64_t> next_micro_batch(Trainer& t) {
   auto ensure_plan = [&t] {
     if (t.plan_epoch == t.position.epoch) return;
@@ -84,6 +166,7 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
   const at::Tensor targets = batch.target_ids.to(m.device);
   const int64_t B = ids.size(0), T = ids.size(1);
   const size_t L = m.layers.size();
+  enter_phase(t, TrainPhase::forward);
   const AttentionInputs attn = attention_inputs(m, pos, B, T);
   const at::Tensor h0 = at::embedding(m.embed_tokens, ids);  // frozen: no gradient needed below it
 
@@ -95,7 +178,9 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
       unshard(i, i + 1);
       h = decoder_layer(h, m.layers[i], m, attn, t.scratch, &t.lora.layers[i], true);
     }
+    enter_phase(t, TrainPhase::loss);
     const at::Tensor loss = head_loss(t, h, targets, normalizer);
+    enter_phase(t, TrainPhase::backward);  // the whole graph's backward starts at the loss
     (loss_multiplier == 1.0 ? loss : loss * loss_multiplier).backward();
     if (fsdp)
       for (size_t k = L; k-- > 0;) {
@@ -141,10 +226,12 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
   const at::Tensor rng_after_forward = get_rng(m.device);
 
   // Loss on the last hidden state, as a leaf: its gradient is the first upstream gradient.
+  enter_phase(t, TrainPhase::loss);
   const at::Tensor h_last = h.detach().requires_grad_(true);
   const at::Tensor loss = head_loss(t, h_last, targets, normalizer);
   (loss_multiplier == 1.0 ? loss : loss * loss_multiplier).backward();
   at::Tensor dh = h_last.grad();
+  enter_phase(t, TrainPhase::backward);
 
   // Backward layer by layer: recompute layer i from h_i with grad on (or take its kept graph),
   // backward dh, pass dh_i down.
@@ -171,7 +258,21 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
   return loss.detach();
 }
 
+namespace {
+StepResult train_step_phases(Trainer& t, const std::vector<Batch>& batches);
+}  // namespace
+
+// An out-of-memory error anywhere in the step becomes one OutOfMemory report naming the phase.
 StepResult train_step_on(Trainer& t, const std::vector<Batch>& batches) {
+  try {
+    return train_step_phases(t, batches);
+  } catch (const c10::OutOfMemoryError& e) {
+    throw OutOfMemory(out_of_memory_message(t, e.what_without_backtrace()));
+  }
+}
+
+namespace {
+StepResult train_step_phases(Trainer& t, const std::vector<Batch>& batches) {
   StepResult r;
   for (const Batch& b : batches) {
     r.tokens += b.n_tokens;
@@ -197,6 +298,7 @@ StepResult train_step_on(Trainer& t, const std::vector<Batch>& batches) {
 
   at::Tensor loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(t.device));
   for (const Batch& b : batches) loss_sum.add_(forward_backward(t, b, normalizer, multiplier));
+  enter_phase(t, TrainPhase::optimizer);
   if (t.fsdp) finish_grads(*t.fsdp, t.params);
   t.comm->all_reduce(loss_sum);  // each rank's share of the global mean
   const AllReduceFn sum_over_ranks = [&t](at::Tensor& x) { t.comm->all_reduce(x); };
@@ -232,6 +334,7 @@ StepResult train_step_on(Trainer& t, const std::vector<Batch>& batches) {
   r.loss = loss_sum.item<double>();  // unmultiplied: finite even when the scaled loss overflowed
   return r;
 }
+}  // namespace
 
 StepResult train_step(Trainer& t) {
   std::vector<Batch> batches;
