@@ -12,6 +12,9 @@ namespace qlora {
 // Process-wide switch (default on): whether the layer loop uses the fused kernels on CUDA.
 void set_fused_kernels(bool on);
 bool fused_kernels();
+// Whether the layer loop takes the fused kernels for a tensor: on CUDA, the switch on, and the C++
+// tracer not recording (qlora export / check-compile keep plain ATen ops in their graphs).
+bool use_fused_kernels(const at::Tensor& x);
 
 // RMSNorm as transformers computes it (see kernels/fused_layer.cuh): x [..., hidden], w [hidden],
 // both of one float type. Returns out (x's shape and type) and, when want_rstd, 1/rms per row

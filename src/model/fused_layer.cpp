@@ -3,6 +3,7 @@
 #include "qlora/fused_layer.h"
 
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 
 #include <atomic>
 #include <vector>
@@ -51,6 +52,9 @@ void check_launch(cudaError_t err, const char* what) {
 
 void set_fused_kernels(bool on) { g_fused_kernels = on; }
 bool fused_kernels() { return g_fused_kernels; }
+bool use_fused_kernels(const at::Tensor& x) {
+  return x.is_cuda() && g_fused_kernels && !torch::jit::tracer::isTracing();
+}
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_fused_forward(const at::Tensor& x_in, const at::Tensor& w_in, double eps,
                                                           bool want_rstd) {

@@ -15,7 +15,6 @@
 //    sequence wherever position_ids[t] != position_ids[t-1] + 1) and the mask is causal AND same
 //    sequence; sliding windows AND kv_idx > q_idx - window (sliding_window_overlay).
 #include <ATen/ATen.h>
-#include <torch/csrc/jit/frontend/tracer.h>
 
 #include <cmath>
 #include <string>
@@ -28,14 +27,8 @@
 
 namespace qlora {
 
-namespace {
-// The fused kernels (include/qlora/fused_layer.h) replace the ATen ops on CUDA, except while the
-// C++ tracer records (qlora export / check-compile: the graph keeps plain ATen ops).
-bool use_fused(const at::Tensor& x) { return x.is_cuda() && fused_kernels() && !torch::jit::tracer::isTracing(); }
-}  // namespace
-
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  if (use_fused(x) && weight.scalar_type() == x.scalar_type()) return rms_norm_fused(x, weight, eps);
+  if (use_fused_kernels(x) && weight.scalar_type() == x.scalar_type()) return rms_norm_fused(x, weight, eps);
   const at::ScalarType dtype = x.scalar_type();
   const at::Tensor h = x.to(at::kFloat);
   const at::Tensor variance = h.pow(2).mean(-1, /*keepdim=*/true);
@@ -138,7 +131,7 @@ at::Tensor decoder_layer_output(const at::Tensor& h, const at::Tensor& attn_out,
   const at::Tensor y = rms_norm(after_attn, layer.post_attention_layernorm, c.rms_norm_eps);
   const at::Tensor gate = project(y, layer.gate_proj, lora, &LoraLayer::gate_proj, scratch, training);
   const at::Tensor up = project(y, layer.up_proj, lora, &LoraLayer::up_proj, scratch, training);
-  const at::Tensor act = use_fused(gate) ? swiglu_fused(gate, up) : at::silu(gate) * up;
+  const at::Tensor act = use_fused_kernels(gate) ? swiglu_fused(gate, up) : at::silu(gate) * up;
   return after_attn + project(act, layer.down_proj, lora, &LoraLayer::down_proj, scratch, training);
 }
 

@@ -21,7 +21,6 @@
 //    activations' dtype; apply_rotary_pos_emb: q * cos + rotate_half(q) * sin with cos/sin
 //    unsqueezed on the head dim; rotate_half(x) = cat(-x2, x1) for halves x1, x2 of the last dim.
 #include <ATen/ATen.h>
-#include <torch/csrc/jit/frontend/tracer.h>
 
 #include <cmath>
 #include <string>
@@ -94,8 +93,8 @@ std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, doubl
 }
 
 at::Tensor apply_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  // The fused kernel on CUDA (same arithmetic), except while the C++ tracer records.
-  if (x.is_cuda() && fused_kernels() && !torch::jit::tracer::isTracing() && x.dim() == 4 && x.size(-1) % 2 == 0 &&
+  // The fused kernel on CUDA (same arithmetic) for the layer loop's shapes.
+  if (use_fused_kernels(x) && x.dim() == 4 && x.size(-1) % 2 == 0 &&
       cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type() && cos.dim() == 3 &&
       cos.sizes() == sin.sizes() && cos.size(0) == x.size(0) && cos.size(1) == x.size(2) && cos.size(2) == x.size(3))
     return rope_fused(x, cos, sin);
