@@ -168,4 +168,6 @@ TEST_CASE("trainer: running out of real GPU memory is reported as out of memory"
     CHECK_THAT(m, ContainsSubstring("out of GPU memory in the "));
     CHECK_THAT(m, ContainsSubstring("gpu_memory_limit 0.002 GiB"));
   }
+  // The trainer is gone, and so is its cap: 256 MiB fits again.
+  CHECK_NOTHROW(at::empty({64 << 20}, at::TensorOptions().device(at::kCUDA).dtype(at::kFloat)));
 }

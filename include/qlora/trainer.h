@@ -59,6 +59,9 @@ struct Trainer {
   TrainConfig config;
   TrainerOptions options;
   at::Device device = at::kCPU;
+  // Set when gpu_memory_limit capped the allocator: its last owner lifts the cap, so a process that
+  // builds another trainer (or a test that runs after) gets the whole device again.
+  std::shared_ptr<void> gpu_memory_cap;
   at::ScalarType compute_dtype = at::kFloat;
   std::shared_ptr<Collective> comm;                  // always set: single-rank when not distributed
   std::optional<Fsdp> fsdp;                          // set for a run given a collective (any world size)

@@ -193,7 +193,12 @@ Trainer build_trainer(const TrainConfig& config, const TrainerOptions& options, 
         throw UserError(cat("gpu_memory_limit: ", config.gpu_memory_limit, " GiB, but ", t.device.str(), " has ",
                             fixed(total / double(1 << 30), 1), " GiB"));
       (void)at::empty({1}, at::TensorOptions().device(t.device));  // the allocator exists once used
-      c10::cuda::CUDACachingAllocator::setMemoryFraction(fraction, t.device.index());
+      const c10::DeviceIndex index = t.device.index();
+      c10::cuda::CUDACachingAllocator::setMemoryFraction(fraction, index);
+      t.gpu_memory_cap = std::shared_ptr<void>(new char, [index](void* p) {
+        delete static_cast<char*>(p);
+        c10::cuda::CUDACachingAllocator::setMemoryFraction(1.0, index);
+      });
       log_info(cat("GPU memory capped at ", config.gpu_memory_limit, " GiB (", fixed(100 * fraction, 1), " % of ",
                    t.device.str(), ")"));
     }
