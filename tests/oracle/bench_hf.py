@@ -58,6 +58,9 @@ def main():
                                                               device_map={"": 0})
     load_s = time.time() - t0
     model.config.use_cache = False
+    # from_pretrained leaves the model in eval mode, and transformers checkpoints a layer only while
+    # training: without train() the gradient checkpointing asked for below never happens.
+    model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     cfg = peft.LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
@@ -90,6 +93,7 @@ def main():
                         ("" if a.no_4bit else f" + bitsandbytes {bitsandbytes.__version__} nf4"),
                "model": a.model, "seq": a.seq, "batch": a.batch, "rank": a.rank, "load_s": load_s,
                "trainable_params": sum(p.numel() for p in params), "median_step_s": med,
+               "gradient_checkpointing": bool(model.base_model.model.is_gradient_checkpointing and model.training),
                "tokens_per_s": a.batch * a.seq / med, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                "losses": losses}
         print("bench_hf: " + json.dumps({k: v for k, v in res.items() if k != "losses"}))
