@@ -195,7 +195,7 @@ TEST_CASE("sharded checkpoint: ranks' shards reassemble whole", "[checkpoint]") 
     REQUIRE(c.rank_tensors[r].size() == own.size());
     for (const auto& [name, t] : own) {
       const auto it = std::find_if(c.rank_tensors[r].begin(), c.rank_tensors[r].end(),
-                                   [&](const auto& e) { return e.first == name; });
+                                   [&name = name](const auto& e) { return e.first == name; });  // clang 14: no implicit capture of a binding
       REQUIRE(it != c.rank_tensors[r].end());
       CHECK(same(it->second, t));
     }

@@ -63,6 +63,9 @@ int run(int argc, char** argv) {
       if (sub->parsed()) return fn();
     std::cout << app.help();
     return kExitUserError;  // no subcommand given
+  } catch (const WriteError& e) {  // a UserError, but not bad input: its own status
+    log_error(e.what());
+    return kExitWriteFailed;
   } catch (const UserError& e) {
     log_error(e.what());
     return kExitUserError;

@@ -168,8 +168,12 @@ fs::path temp_dir_path(const fs::path& output_dir, int64_t step, int64_t pid) {
 void prepare_output_dir(const fs::path& output_dir) {
   std::error_code ec;
   fs::create_directories(output_dir, ec);
-  if (ec) throw UserError(output_dir.string() + ": cannot create the output directory: " + ec.message());
+  if (ec) throw WriteError(output_dir.string() + ": cannot create the output directory: " + ec.message());
   remove_incomplete_checkpoints(output_dir);
+}
+
+void throw_not_saved(const fs::path& final_dir, const std::string& cause) {
+  throw WriteError(final_dir.string() + ": not saved (" + cause + "); the checkpoints saved before it are intact");
 }
 
 fs::path finish_checkpoint(const fs::path& tmp, const fs::path& output_dir, int64_t step, const json& state,
@@ -195,7 +199,13 @@ fs::path finish_checkpoint(const fs::path& tmp, const fs::path& output_dir, int6
       } else {
         const fs::path old = output_dir / (".checkpoint-" + std::to_string(step) + ".old-" + std::to_string(pid));
         fs::rename(final_dir, old);
-        fs::rename(tmp, final_dir);
+        try {
+          fs::rename(tmp, final_dir);
+        } catch (...) {
+          std::error_code back;
+          fs::rename(old, final_dir, back);  // the old checkpoint stays where resume looks for it
+          throw;
+        }
         fs::remove_all(old, ec);
       }
     } else {
@@ -204,7 +214,14 @@ fs::path finish_checkpoint(const fs::path& tmp, const fs::path& output_dir, int6
     fsync_dir(output_dir);
   } catch (const fs::filesystem_error& e) {
     fs::remove_all(tmp, ec);
-    throw UserError(final_dir.string() + ": cannot save the checkpoint: " + e.what());
+    throw_not_saved(final_dir, e.what());
+  } catch (const WriteError&) {
+    fs::remove_all(tmp, ec);
+    throw;
+  } catch (const UserError& e) {
+    // The writers report a failed write (ENOSPC, EFBIG, EIO...) as a UserError naming the file.
+    fs::remove_all(tmp, ec);
+    throw_not_saved(final_dir, e.what());
   } catch (...) {
     fs::remove_all(tmp, ec);
     throw;
@@ -232,9 +249,12 @@ fs::path save_one_file_checkpoint(const fs::path& output_dir, int64_t step, cons
   const fs::path tmp = temp_dir_path(output_dir, step, pid);
   std::error_code ec;
   fs::create_directory(tmp, ec);
-  if (ec) throw UserError(tmp.string() + ": cannot create a temp checkpoint directory: " + ec.message());
+  if (ec) throw_not_saved(output_dir / checkpoint_dir_name(step), tmp.string() + ": cannot create a temp directory: " + ec.message());
   try {
     save_safetensors(tmp / kCheckpointTensorsFile, tensors, metadata);
+  } catch (const UserError& e) {
+    fs::remove_all(tmp, ec);
+    throw_not_saved(output_dir / checkpoint_dir_name(step), e.what());
   } catch (...) {
     fs::remove_all(tmp, ec);
     throw;

@@ -29,13 +29,17 @@ std::string rank_file_name(int rank, int world);
 // output_dir/.checkpoint-<step>.tmp-<pid>: the name remove_incomplete_checkpoints recognises.
 std::filesystem::path temp_dir_path(const std::filesystem::path& output_dir, int64_t step, int64_t pid);
 
-// Creates output_dir and removes leftover temp directories; UserError when it cannot be created.
+// Creates output_dir and removes leftover temp directories; WriteError when it cannot be created.
 void prepare_output_dir(const std::filesystem::path& output_dir);
+
+// Throws the WriteError of a save that failed: it names final_dir and `cause` (which names the file
+// and the reason, e.g. "...: write failed: No space left on device").
+[[noreturn]] void throw_not_saved(const std::filesystem::path& final_dir, const std::string& cause);
 
 // The end of every save, once the tensor files are in `tmp`: writes state.json and manifest.json
 // (size and CRC-32 of every file, read back), fsyncs, renames `tmp` to checkpoint-<step> (replacing
 // one of the same step), then prunes to keep_last. On failure `tmp` is removed and the error
-// rethrown (filesystem errors as UserErrors). `pid` names the trash directory of a replacing save.
+// rethrown (a failed write or rename as a WriteError); nothing is pruned. `pid` names the trash directory of a replacing save.
 std::filesystem::path finish_checkpoint(const std::filesystem::path& tmp, const std::filesystem::path& output_dir,
                                         int64_t step, const nlohmann::json& state,
                                         const std::vector<std::string>& tensor_files, int world_size, int keep_last,

@@ -233,7 +233,7 @@ fs::path save_sharded_checkpoint(const fs::path& output_dir, int64_t step, const
       const fs::path tmp = ckpt::temp_dir_path(output_dir, step, ::getpid());
       std::error_code ec;
       fs::create_directory(tmp, ec);
-      if (ec) throw UserError(tmp.string() + ": cannot create a temp checkpoint directory: " + ec.message());
+      if (ec) ckpt::throw_not_saved(final_dir, tmp.string() + ": cannot create a temp directory: " + ec.message());
       pid.fill_(static_cast<int64_t>(::getpid()));
     } catch (...) {
       own_error = std::current_exception();
@@ -243,33 +243,44 @@ fs::path save_sharded_checkpoint(const fs::path& output_dir, int64_t step, const
   const int64_t pid0 = to_int(pid);
   if (pid0 < 0) {
     if (own_error) std::rethrow_exception(own_error);
-    throw UserError(final_dir.string() + ": not saved: rank 0 could not create the temp checkpoint directory (see its error)");
+    throw WriteError(final_dir.string() + ": not saved: rank 0 could not create the temp checkpoint directory (see its error)");
   }
   const fs::path tmp = ckpt::temp_dir_path(output_dir, step, pid0);
 
-  // Every rank writes its file; flags[r] = 1 when rank r could not.
-  try {
-    if (!problem.empty()) throw UserError(problem);
-    save_safetensors(tmp / file, tensors, rank_metadata(step, rank, world, shards));
-  } catch (const UserError& e) {
-    own_error = std::make_exception_ptr(UserError((final_dir / file).string() + ": not written: " + e.what()));
-  } catch (...) {
-    own_error = std::current_exception();
+  // Every rank writes its file; flags[r] = 1 when rank r's arguments were wrong, 2 when its write
+  // failed (so every rank throws the same kind of error).
+  int64_t own_flag = 0;
+  if (!problem.empty()) {
+    own_flag = 1;
+    own_error = std::make_exception_ptr(UserError((final_dir / file).string() + ": not written: " + problem));
+  } else {
+    try {
+      save_safetensors(tmp / file, tensors, rank_metadata(step, rank, world, shards));
+    } catch (const UserError& e) {
+      own_flag = 2;
+      own_error = std::make_exception_ptr(WriteError((final_dir / file).string() + ": not written: " + e.what()));
+    } catch (...) {
+      own_flag = 1;
+      own_error = std::current_exception();
+    }
   }
   at::Tensor flags = at::zeros({world}, opts);
-  if (own_error) flags[rank].fill_(1);
+  if (own_error) flags[rank].fill_(own_flag);
   comm.all_reduce(flags, ReduceOp::sum);
   const at::Tensor failed = flags.to(at::kCPU);
   for (int r = 0; r < world; ++r) {
-    if (failed[r].item<int64_t>() == 0) continue;
+    const int64_t flag = failed[r].item<int64_t>();
+    if (flag == 0) continue;
     if (rank == 0) {
       std::error_code ec;
       fs::remove_all(tmp, ec);
     }
     comm.barrier();  // the temp directory is gone before any rank reports
     if (own_error) std::rethrow_exception(own_error);
-    throw UserError((final_dir / ckpt::rank_file_name(r, world)).string() + ": not written by rank " +
-                    std::to_string(r) + " (see its error); the checkpoint was not saved");
+    const std::string what = (final_dir / ckpt::rank_file_name(r, world)).string() + ": not written by rank " +
+                             std::to_string(r) + " (see its error); the checkpoint was not saved";
+    if (flag == 2) throw WriteError(what);
+    throw UserError(what);
   }
 
   // Rank 0 writes state.json and the manifest, renames, prunes; the broadcast of the outcome keeps
@@ -288,7 +299,7 @@ fs::path save_sharded_checkpoint(const fs::path& output_dir, int64_t step, const
   comm.broadcast(done, 0);
   if (to_int(done) != 0) {
     if (own_error) std::rethrow_exception(own_error);
-    throw UserError(final_dir.string() + ": not saved: rank 0 could not complete the checkpoint (see its error)");
+    throw WriteError(final_dir.string() + ": not saved: rank 0 could not complete the checkpoint (see its error)");
   }
   return final_dir;
 }

@@ -4,8 +4,10 @@
 #include "qlora/metrics.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <sstream>
 
 #include "qlora/error.h"
@@ -122,8 +124,10 @@ void append_metrics(MetricsLog& log, const json& record) {
   if (!record.is_object()) throw UserError(log.path.string() + ": metrics record must be a JSON object, found " + record.dump());
   // error_handler replace: a stray non-UTF-8 byte in a string must not end the run.
   log.out << record.dump(-1, ' ', false, json::error_handler_t::replace) << '\n';
+  errno = 0;
   log.out.flush();
-  if (!log.out) throw UserError(log.path.string() + ": write failed (disk full?)");
+  // The stream keeps no errno of its own; the failed write(2) of the flush leaves it set.
+  if (!log.out) throw WriteError(log.path.string() + ": write failed: " + (errno != 0 ? std::strerror(errno) : "disk full?"));
 }
 
 LossCurve read_loss_curve(const fs::path& metrics_jsonl) {

@@ -4,6 +4,7 @@
 // The step itself is trainer_step.cpp.
 #include <ATen/core/grad_mode.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -11,6 +12,7 @@
 #include <cstdio>
 #include <fstream>
 #include <iomanip>
+#include <set>
 #include <sstream>
 
 #ifdef QLORA_WITH_CUDA
@@ -336,6 +338,50 @@ std::vector<int64_t> full_param_rows(const Trainer& t) {
   return rows;
 }
 
+// What a checkpoint's tensors depend on: the base model's shape and the adapter's rank and
+// targets. Saved in state.json and compared at resume, so that a checkpoint of another model or
+// lora_r is named as such rather than as a tensor of an odd shape.
+nlohmann::json model_identity(const Trainer& t) {
+  const HFConfig& c = t.model.config;
+  return {{"model_type", c.model_type}, {"num_hidden_layers", c.num_hidden_layers}, {"hidden_size", c.hidden_size},
+          {"intermediate_size", c.intermediate_size}, {"num_attention_heads", c.num_attention_heads},
+          {"num_key_value_heads", c.num_key_value_heads}, {"vocab_size", c.vocab_size}};
+}
+
+nlohmann::json adapter_identity(const Trainer& t) {
+  const LoraOptions o = lora_options_from_config(t.config);
+  std::vector<std::string> targets = o.target_modules;
+  std::sort(targets.begin(), targets.end());
+  return {{"lora_r", o.r}, {"target_modules", targets}};
+}
+
+// "key a (this run: b), ..." for every key of `now` whose value differs in `saved`; "" when none.
+std::string identity_differences(const nlohmann::json& saved, const nlohmann::json& now) {
+  std::string out;
+  for (const auto& [key, value] : now.items()) {
+    if (!saved.contains(key) || saved[key] == value) continue;
+    out += cat(out.empty() ? "" : ", ", key, " ", saved[key].dump(), " (this run: ", value.dump(), ")");
+  }
+  return out;
+}
+
+// UserError when the checkpoint in `dir` was written for another model or adapter shape (state.json
+// of checkpoints older than this check has no identity: the tensor checks below still apply).
+void check_checkpoint_identity(const Trainer& t, const fs::path& dir, const nlohmann::json& state) {
+  if (state.contains("model") && state["model"].is_object()) {
+    const std::string diff = identity_differences(state["model"], model_identity(t));
+    if (!diff.empty())
+      throw UserError(cat("checkpoint ", dir.string(), " was trained on a different base model: ", diff,
+                          " (expected the model of base_model ", t.config.base_model, ")"));
+  }
+  if (state.contains("adapter") && state["adapter"].is_object()) {
+    const std::string diff = identity_differences(state["adapter"], adapter_identity(t));
+    if (!diff.empty())
+      throw UserError(cat("checkpoint ", dir.string(), " holds a different adapter: ", diff,
+                          " (expected the same lora_r and targets; or start a new output_dir)"));
+  }
+}
+
 }  // namespace
 
 fs::path save_trainer_checkpoint(Trainer& t) {
@@ -370,6 +416,8 @@ fs::path save_trainer_checkpoint(Trainer& t) {
                      {"warmup_steps", t.schedule.warmup_steps}, {"total_steps", t.schedule.total_steps},
                      {"last_step", t.step}}},
       {"data_cache_key", t.data.cache_key},
+      {"model", model_identity(t)},
+      {"adapter", adapter_identity(t)},
   };
   if (t.scaler) state["loss_scaler"] = loss_scaler_state(*t.scaler);
   return save_sharded_checkpoint(t.config.output_dir, t.step, tensors, shards, state, t.config.save_total_limit, *t.comm);
@@ -377,6 +425,7 @@ fs::path save_trainer_checkpoint(Trainer& t) {
 
 void load_trainer_checkpoint(Trainer& t, const fs::path& dir) {
   const Checkpoint ck = load_checkpoint(dir);  // sharded checkpoints come back whole, at any world size
+  if (ck.state.is_object()) check_checkpoint_identity(t, dir, ck.state);
   const std::vector<int64_t> rows = full_param_rows(t);
   // This rank's part of a whole tensor of parameter i's shape (checked), as the trainer holds it.
   auto local_part = [&](const std::string& name, size_t i) {
@@ -384,14 +433,23 @@ void load_trainer_checkpoint(Trainer& t, const fs::path& dir) {
     std::vector<int64_t> want = t.params[i].sizes().vec();
     want[0] = rows[i];
     if (src.sizes().vec() != want)
-      throw UserError(cat("checkpoint ", dir.string(), ": tensor ", name, " has shape ", src.sizes(),
-                          ", the adapter of this config needs ", at::IntArrayRef(want), " (different lora_r or targets?)"));
+      throw UserError(cat("checkpoint ", dir.string(), ": tensor ", name, " has shape ", src.sizes(), " (expected ",
+                          at::IntArrayRef(want), " for this config's model and lora_r ", t.config.lora_r,
+                          "; a checkpoint of a different model, lora_r or targets?)"));
     return t.fsdp ? shard_rows(src, t.world(), t.rank()) : src;
   };
-  {
-    at::NoGradGuard no_grad;
-    for (size_t i = 0; i < t.params.size(); ++i) t.params[i].copy_(local_part("lora." + t.param_names[i], i));
-  }
+  // A LoRA tensor this run does not have: a checkpoint of more layers or other targets, which
+  // would otherwise be resumed with part of its adapter silently dropped.
+  std::set<std::string> expected;
+  for (const std::string& n : t.param_names) expected.insert("lora." + n);
+  for (const auto& [name, tensor] : ck.tensors)
+    if (name.rfind("lora.", 0) == 0 && !expected.count(name))
+      throw UserError(cat("checkpoint ", dir.string(), ": holds ", name, ", which this run's adapter does not have (",
+                          expected.size(), " LoRA tensors of ", t.model.config.num_hidden_layers,
+                          " layers; a checkpoint of a different model or lora targets?)"));
+  // Every tensor is checked before any of the trainer's state is overwritten.
+  std::vector<at::Tensor> lora_parts;
+  for (size_t i = 0; i < t.params.size(); ++i) lora_parts.push_back(local_part("lora." + t.param_names[i], i));
   NamedTensors adam;
   for (size_t i = 0; i < t.params.size(); ++i)
     for (const char* k : {".exp_avg", ".exp_avg_sq"}) {
@@ -399,6 +457,10 @@ void load_trainer_checkpoint(Trainer& t, const fs::path& dir) {
       adam.emplace_back(name, local_part(name, i));
     }
   adam.emplace_back("optimizer.step", ck.tensor("optimizer.step"));
+  {
+    at::NoGradGuard no_grad;
+    for (size_t i = 0; i < t.params.size(); ++i) t.params[i].copy_(lora_parts[i]);
+  }
   adamw_load_state(t.optimizer, adam, "optimizer.");
   // The RNG states of the same rank when it existed in the saved run, else rank 0's.
   const size_t r = static_cast<size_t>(t.rank()) < ck.rank_tensors.size() ? static_cast<size_t>(t.rank()) : 0;
@@ -424,6 +486,24 @@ LoraModel full_adapter(Trainer& t) { return t.fsdp ? gather_lora(*t.fsdp, t.lora
 
 // ---- the run ----------------------------------------------------------------------------------
 
+namespace {
+
+// Runs one write of the run's outputs. The writers report a failed write (disk full, a file size
+// limit, an I/O error) as a UserError naming the file; it is not bad input, so it goes on as a
+// WriteError (exit status 5) with the same message.
+template <class Write>
+void write_output(Write&& write) {
+  try {
+    write();
+  } catch (const WriteError&) {
+    throw;
+  } catch (const UserError& e) {
+    throw WriteError(e.what());
+  }
+}
+
+}  // namespace
+
 TrainRunResult run_training(const TrainConfig& config, const TrainerOptions& options, std::shared_ptr<Collective> comm) {
   Trainer t = make_trainer(config, options, std::move(comm));
   TrainRunResult result;
@@ -442,19 +522,21 @@ TrainRunResult run_training(const TrainConfig& config, const TrainerOptions& opt
   }
   std::optional<MetricsLog> metrics;
   if (outputs && lead) {
-    metrics = open_metrics_log(out / "metrics.jsonl", resume ? t.step : -1);
-    write_file_atomic(out / "config.resolved.yaml", config_to_yaml(config));
+    write_output([&] { metrics = open_metrics_log(out / "metrics.jsonl", resume ? t.step : -1); });
+    write_output([&] { write_file_atomic(out / "config.resolved.yaml", config_to_yaml(config)); });
   }
   const std::string title = cat("qlora: ", fs::path(config.base_model).filename().string(), " r", config.lora_r);
   auto write_svg = [&] {
-    if (outputs && lead) write_loss_curve_svg(out / "loss.svg", read_loss_curve(out / "metrics.jsonl"), title);
+    if (outputs && lead)
+      write_output([&] { write_loss_curve_svg(out / "loss.svg", read_loss_curve(out / "metrics.jsonl"), title); });
   };
   auto run_eval = [&] {
     const std::optional<double> ev = evaluate(t);
     if (!ev) return false;
     const double ppl = std::exp(std::min(*ev, 700.0));
     if (lead) log_info(cat("eval step ", t.step, ": loss ", fixed(*ev, 4), ", perplexity ", fixed(ppl, 2)));
-    if (metrics) append_metrics(*metrics, {{"step", t.step}, {"eval_loss", *ev}, {"eval_perplexity", ppl}});
+    if (metrics)
+      write_output([&] { append_metrics(*metrics, {{"step", t.step}, {"eval_loss", *ev}, {"eval_perplexity", ppl}}); });
     return true;
   };
 
@@ -492,7 +574,7 @@ TrainRunResult run_training(const TrainConfig& config, const TrainerOptions& opt
                             {"peak_memory_bytes", peak_memory_bytes(t.device)}};
       if (r.skipped) rec["skipped"] = true;
       if (t.scaler) rec["loss_scale"] = loss_scale_value(*t.scaler);
-      append_metrics(*metrics, rec);
+      write_output([&] { append_metrics(*metrics, rec); });
     }
     // bf16/fp32: a skipped non-finite step counts against nonfinite_skip_limit (then: exit 4).
     check_nonfinite_step(t, r, result.last_checkpoint.empty() && resume ? *resume : result.last_checkpoint);
@@ -523,7 +605,7 @@ TrainRunResult run_training(const TrainConfig& config, const TrainerOptions& opt
   if (outputs) {
     if (last_saved != t.step) result.last_checkpoint = save_trainer_checkpoint(t);
     const LoraModel adapter = full_adapter(t);  // collective when sharded: every rank takes part
-    if (lead) save_peft_adapter(out, adapter, t.model.config, config.base_model);
+    if (lead) write_output([&] { save_peft_adapter(out, adapter, t.model.config, config.base_model); });
     t.comm->barrier();  // no rank reports done before the adapter is on disk
     result.adapter_dir = out;
     write_svg();
