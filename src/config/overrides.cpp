@@ -18,6 +18,13 @@ bool all_digits(const std::string& s) {
   return true;
 }
 
+// A list index of all digits; more than 9 of them would overflow std::stol (an exception that is no
+// UserError) and is past the end of any list anyway.
+long list_index(const std::string& digits, const std::string& text) {
+  if (digits.size() > 9) throw UserError("override '" + text + "': list index " + digits + " is too large");
+  return std::stol(digits);
+}
+
 // "datasets[0].path" and "datasets.0.path" -> [datasets, 0, path]
 std::vector<PathToken> split_path(const std::string& path, const std::string& text) {
   std::vector<PathToken> tokens;
@@ -25,7 +32,7 @@ std::vector<PathToken> split_path(const std::string& path, const std::string& te
   auto push = [&](bool allow_index) {
     if (cur.empty()) throw UserError("override '" + text + "': empty component in key path '" + path + "'");
     PathToken t;
-    if (allow_index && all_digits(cur)) t.index = std::stol(cur); else t.key = cur;
+    if (allow_index && all_digits(cur)) t.index = list_index(cur, text); else t.key = cur;
     tokens.push_back(t);
     cur.clear();
   };
@@ -38,7 +45,7 @@ std::vector<PathToken> split_path(const std::string& path, const std::string& te
       size_t close = path.find(']', i);
       std::string idx = close == std::string::npos ? "" : path.substr(i + 1, close - i - 1);
       if (!all_digits(idx)) throw UserError("override '" + text + "': expected [N] with a list index in '" + path + "'");
-      tokens.push_back({"", std::stol(idx)});
+      tokens.push_back({"", list_index(idx, text)});
       i = close;
       if (i + 1 < path.size() && path[i + 1] == '.') ++i;
     } else {

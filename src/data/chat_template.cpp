@@ -54,7 +54,7 @@ ToolCall tool_call_from_json(const ojson& j, const std::string& at) {
   if (a->is_string()) {
     try {
       call.arguments = ojson::parse(a->get<std::string>());
-    } catch (const ojson::parse_error&) {
+    } catch (const ojson::exception&) {  // parse_error, or out_of_range for a number like 1e999
       throw UserError(fn_at + ".arguments: expected a JSON object in the string, found " + show(*a));
     }
     if (!call.arguments.is_object())

@@ -87,7 +87,7 @@ void tokenize_slot(const Record& r, const TrainConfig& config, const DataContext
       if (record.is_discarded()) {
         try {
           record = json::parse(r.text);
-        } catch (const json::parse_error& e) {
+        } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e999
           std::string msg = e.what();
           if (auto p = msg.find("parse error"); p != std::string::npos) msg = msg.substr(p);
           throw UserError(where + ": invalid JSON: " + msg);

@@ -198,7 +198,7 @@ TokenizedExample tokenize_record(const std::string& record_json, const DatasetCo
     // Parse again with exceptions for nlohmann's description of what is wrong and where.
     try {
       record = json::parse(record_json);
-    } catch (const json::parse_error& e) {
+    } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e999
       std::string msg = e.what();
       if (auto p = msg.find("parse error"); p != std::string::npos) msg = msg.substr(p);
       fail(where, "invalid JSON: " + msg);

@@ -5,7 +5,7 @@
 // pre-tokens' results are cached per thread.
 #include <algorithm>
 #include <atomic>
-#include <cstdio>
+#include <cctype>
 #include <queue>
 
 #include "data/tokenizer_internal.h"
@@ -378,9 +378,10 @@ void finish_tokenizer(TokenizerImpl& t) {
       t.pieces[id] = has_key[id] && !is_added[id] ? bytes : tok;
     } else {
       t.lookup_keys[id] = tok;
-      unsigned v = 0;
-      if (tok.size() == 6 && tok.compare(0, 3, "<0x") == 0 && tok[5] == '>' &&
-          std::sscanf(tok.c_str() + 3, "%2X", &v) == 1) {
+      // Exactly two hex digits: sscanf's %X would also take a sign ("<0x-1>") and index past byte_ids.
+      if (tok.size() == 6 && tok.compare(0, 3, "<0x") == 0 && tok[5] == '>' && std::isxdigit(static_cast<unsigned char>(tok[3])) &&
+          std::isxdigit(static_cast<unsigned char>(tok[4]))) {
+        const unsigned v = static_cast<unsigned>(std::stoul(tok.substr(3, 2), nullptr, 16));
         t.pieces[id] = std::string(1, static_cast<char>(v));
         t.byte_ids[v] = static_cast<int32_t>(id);
       } else if (is_added[id]) {

@@ -31,7 +31,7 @@ json read_json(const fs::path& file) {
   const std::string text((std::istreambuf_iterator<char>(in)), {});
   try {
     return json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e999
     throw UserError(file.string() + ": not valid JSON (" + e.what() + ")");
   }
 }
@@ -39,6 +39,16 @@ json read_json(const fs::path& file) {
 struct Loader {
   TokenizerImpl& t;
   bool byte_level = false, sentencepiece = false, use_regex_seen = false, digits_seen = false;
+  // Ids at or above this are rejected: the vocabulary is a vector indexed by id, so one corrupt
+  // id must not allocate gigabytes. Set from the file's token count, plus room for unused ids.
+  int64_t id_limit = 0;
+
+  void check_id(const json& idv, const std::string& what) const {
+    if (!idv.is_number_integer() || idv.get<int64_t>() < 0 || idv.get<int64_t>() >= id_limit)
+      fail(what + " must be a token id in [0, " + std::to_string(id_limit) + ") (the file's token count + " +
+           std::to_string(kMaxUnusedIds) + " unused ids), found " + idv.dump());
+  }
+  static constexpr int64_t kMaxUnusedIds = 65536;
 
   [[noreturn]] void fail(const std::string& msg) const { throw UserError(t.source + ": " + msg); }
 
@@ -128,9 +138,19 @@ struct Loader {
       auto special_id = [&](const json& item) -> int32_t {
         if (!item.is_object() || !item.contains("SpecialToken")) return -1;
         const std::string name = str(item["SpecialToken"], "id", "TemplateProcessing SpecialToken");
-        if (p.contains("special_tokens") && p["special_tokens"].contains(name)) {
-          const json& ids = p["special_tokens"][name]["ids"];
-          if (ids.is_array() && ids.size() == 1 && ids[0].is_number_integer()) return ids[0].get<int32_t>();
+        if (p.contains("special_tokens") && p["special_tokens"].is_object() && p["special_tokens"].contains(name)) {
+          const json& st = p["special_tokens"][name];
+          if (!st.is_object() || !st.contains("ids") || !st["ids"].is_array())
+            fail("post_processor special_tokens[\"" + name + "\"] must be an object with an \"ids\" list, found " + st.dump());
+          const json& ids = st["ids"];
+          if (ids.size() == 1 && ids[0].is_number_integer()) {
+            // The post-processor's ids become BOS/EOS, which encode emits: they must be tokens.
+            const int64_t id = ids[0].get<int64_t>();
+            if (id < 0 || id >= static_cast<int64_t>(t.tokens.size()))
+              fail("post_processor special token '" + name + "' has id " + ids[0].dump() + ", outside the vocabulary of " +
+                   std::to_string(t.tokens.size()) + " tokens");
+            return static_cast<int32_t>(id);
+          }
         }
         const auto it = t.token_ids.find(name);
         if (it == t.token_ids.end()) fail("post_processor names the special token '" + name + "', which is unknown");
@@ -151,8 +171,7 @@ struct Loader {
     const json& vocab = field(m, "vocab", "model");
     if (!vocab.is_object()) fail("model.vocab must be an object of token -> id");
     for (const auto& [tok, idv] : vocab.items()) {
-      if (!idv.is_number_integer() || idv.get<int64_t>() < 0 || idv.get<int64_t>() > (1 << 30))
-        fail("model.vocab[\"" + tok + "\"] must be a non-negative id, found " + idv.dump());
+      check_id(idv, "model.vocab[\"" + tok + "\"]");
       const auto id = idv.get<int32_t>();
       if (static_cast<size_t>(id) >= t.tokens.size()) t.tokens.resize(id + 1);
       t.tokens[id] = tok;
@@ -202,8 +221,7 @@ struct Loader {
       AddedToken tok;
       tok.content = str(a, "content", "added token");
       const json& idv = field(a, "id", "added token '" + tok.content + "'");
-      if (!idv.is_number_integer() || idv.get<int64_t>() < 0 || idv.get<int64_t>() > (1 << 30))
-        fail("added token '" + tok.content + "' has a bad id " + idv.dump());
+      check_id(idv, "added token '" + tok.content + "' id");
       tok.id = idv.get<int32_t>();
       tok.special = flag(a, "special", false);
       tok.lstrip = flag(a, "lstrip", false);
@@ -251,7 +269,7 @@ void apply_config(TokenizerImpl& t, const fs::path& file) {
       t.chat_template = ct.get<std::string>();
     } else if (ct.is_array()) {
       for (const json& e : ct)
-        if (e.is_object() && e.value("name", "") == "default" && e.contains("template") && e["template"].is_string())
+        if (e.is_object() && e.contains("name") && e["name"] == "default" && e.contains("template") && e["template"].is_string())
           t.chat_template = e["template"].get<std::string>();
     }
   }
@@ -271,6 +289,12 @@ Tokenizer load_tokenizer(const std::filesystem::path& path) {
   const json j = read_json(file);
   Loader l{t};
   if (!j.is_object()) l.fail("expected a JSON object");
+  {
+    size_t n = 0;
+    if (const auto m = j.find("model"); m != j.end() && m->is_object() && m->contains("vocab")) n += m->at("vocab").size();
+    if (const auto a = j.find("added_tokens"); a != j.end() && a->is_array()) n += a->size();
+    l.id_limit = static_cast<int64_t>(n) + Loader::kMaxUnusedIds;
+  }
   l.model(l.field(j, "model", "tokenizer.json"));
   l.added_tokens(j.value("added_tokens", json()));
   l.normalizer(j.value("normalizer", json()));

@@ -91,6 +91,10 @@ namespace {
 
 bool is_pow2_in(int64_t x, int64_t lo, int64_t hi) { return x >= lo && x <= hi && (x & (x - 1)) == 0; }
 
+// The most elements a quant_state shape may claim: far beyond any real weight, and small enough
+// that numel + blocksize and numel + 1 (block and byte counts) cannot overflow int64.
+constexpr int64_t kMaxElements = int64_t{1} << 60;
+
 }  // namespace
 
 NF4Tensor bnb4bit_from_entries(const std::string& w, const std::map<std::string, at::Tensor>& entries, const std::string& source) {
@@ -162,9 +166,14 @@ NF4Tensor bnb4bit_from_entries(const std::string& w, const std::map<std::string,
   else bad("dtype", "\"float16\", \"bfloat16\" or \"float32\"");
   const json& sh = field("shape");
   if (!sh.is_array() || sh.empty()) bad("shape", "a non-empty list of non-negative integers");
+  int64_t elements = 1;
   for (const auto& d : sh) {
     if (!d.is_number_integer() || d.get<int64_t>() < 0) bad("shape", "a non-empty list of non-negative integers");
-    t.shape.push_back(d.get<int64_t>());
+    const int64_t dim = d.get<int64_t>();
+    // Checked before numel() and the block counts below multiply and add with it.
+    if (dim != 0 && elements > kMaxElements / dim) bad("shape", "at most 2^60 elements in all");
+    elements *= dim;
+    t.shape.push_back(dim);
   }
   const int64_t n = t.numel();
   const int64_t nblocks = nf4_num_blocks(n, t.blocksize);

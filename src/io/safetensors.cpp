@@ -470,8 +470,11 @@ SafetensorsCheckpoint::SafetensorsCheckpoint(const fs::path& path) : root_(path)
         throw UserError(where + ": weight_map['" + it.key() + "'] = '" + file + "' is not a file name in this directory");
       auto fi = file_index.find(file);
       if (fi == file_index.end()) {
-        if (!fs::exists(path / file))
-          throw UserError(where + ": weight_map['" + it.key() + "'] names " + file + ", which does not exist");
+        // The error_code form: a name the OS rejects (too long) is a missing shard, not an exception.
+        std::error_code ec;
+        if (!fs::exists(path / file, ec))
+          throw UserError(where + ": weight_map['" + it.key() + "'] names " + file + ", which does not exist" +
+                          (ec ? " (" + ec.message() + ")" : ""));
         fi = file_index.emplace(file, add_file(path / file)).first;
       }
       if (!files_[fi->second]->contains(it.key()))
