@@ -107,4 +107,16 @@ inline void remove_scratch_at_exit() {
   });
 }
 
+// The start of LLVMFuzzerInitialize in the targets that read through a scratch file: with
+// QLORA_FUZZ_WRITE_SEEDS=DIR, write the target's seeds there and exit; else the scratch folder goes
+// when the fuzzer exits.
+template <class WriteSeeds>
+void initialize(WriteSeeds&& write_seeds) {
+  if (const std::filesystem::path seeds = seed_output_dir(); !seeds.empty()) {
+    write_seeds(seeds);
+    std::exit(0);
+  }
+  remove_scratch_at_exit();
+}
+
 }  // namespace qlora::fuzz

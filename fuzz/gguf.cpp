@@ -87,11 +87,7 @@ void exercise(const GgufFile& g) {
 }  // namespace
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  if (const fs::path seeds = fuzz::seed_output_dir(); !seeds.empty()) {
-    write_seeds(seeds);
-    std::exit(0);
-  }
-  fuzz::remove_scratch_at_exit();
+  fuzz::initialize(write_seeds);
   return 0;
 }
 

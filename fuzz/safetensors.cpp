@@ -54,11 +54,7 @@ uint64_t touch_all(const SafetensorsFile& f) {
 }  // namespace
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  if (const fs::path seeds = fuzz::seed_output_dir(); !seeds.empty()) {
-    write_seeds(seeds);
-    std::exit(0);
-  }
-  fuzz::remove_scratch_at_exit();
+  fuzz::initialize(write_seeds);
   g_sharded_dir = fuzz::scratch_dir() / "sharded";
   fs::create_directories(g_sharded_dir);
   save_safetensors(g_sharded_dir / "model-00001-of-00002.safetensors", shard_tensors(1));

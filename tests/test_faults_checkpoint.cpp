@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "process_util.h"
 #include "test_util.h"
 #include "trainer_fixture.h"
 
@@ -35,6 +36,7 @@ namespace fs = std::filesystem;
 using qlora::test::read_file;
 using qlora::test::Run;
 using qlora::test::TempDir;
+using qlora::test::OneThreadChildren;
 using qlora::test::write_file;
 
 namespace {
@@ -113,22 +115,6 @@ std::string resume_error(const fs::path& dir, const std::vector<std::string>& ov
 }
 
 Run run_shell(const std::string& script) { return qlora::test::run_qlora("--version >/dev/null; " + script); }
-
-// While alive: OMP_NUM_THREADS=1 in the environment of the qlora processes a test starts. The tiny
-// model gains nothing from threads, and spinning OpenMP workers slow to a crawl on shared cores.
-struct OneThreadChildren {
-  std::optional<std::string> old;
-  OneThreadChildren() {
-    if (const char* v = std::getenv("OMP_NUM_THREADS")) old = v;
-    setenv("OMP_NUM_THREADS", "1", 1);
-  }
-  ~OneThreadChildren() {
-    if (old) setenv("OMP_NUM_THREADS", old->c_str(), 1);
-    else unsetenv("OMP_NUM_THREADS");
-  }
-  OneThreadChildren(const OneThreadChildren&) = delete;
-  OneThreadChildren& operator=(const OneThreadChildren&) = delete;
-};
 
 // While alive: this process's ATen kernels run on one thread (restored after), for the same reason.
 struct OneIntraOpThread {

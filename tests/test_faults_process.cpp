@@ -28,34 +28,21 @@
 #include <thread>
 #include <vector>
 
+#include "process_util.h"
 #include "test_util.h"
 #include "trainer_fixture.h"
 
 using Catch::Matchers::ContainsSubstring;
 namespace fs = std::filesystem;
 using qlora::test::read_file;
+using qlora::test::process_alive;
 using qlora::test::Run;
 using qlora::test::TempDir;
+using qlora::test::OneThreadChildren;
 using qlora::test::write_file;
 using Clock = std::chrono::steady_clock;
 
 namespace {
-
-// While alive: OMP_NUM_THREADS=1 in the environment of the qlora processes a test starts. The tiny
-// model gains nothing from threads, and spinning OpenMP workers slow to a crawl on shared cores.
-struct OneThreadChildren {
-  std::optional<std::string> old;
-  OneThreadChildren() {
-    if (const char* v = std::getenv("OMP_NUM_THREADS")) old = v;
-    setenv("OMP_NUM_THREADS", "1", 1);
-  }
-  ~OneThreadChildren() {
-    if (old) setenv("OMP_NUM_THREADS", old->c_str(), 1);
-    else unsetenv("OMP_NUM_THREADS");
-  }
-  OneThreadChildren(const OneThreadChildren&) = delete;
-  OneThreadChildren& operator=(const OneThreadChildren&) = delete;
-};
 
 // Reads one step number the saving child reported; false on timeout or end of the pipe.
 bool read_step(int fd, int64_t& step, int timeout_ms) {
@@ -80,14 +67,6 @@ int64_t newest_step(const fs::path& dir) {
     if (name.rfind("checkpoint-", 0) == 0) best = std::max<int64_t>(best, std::atoll(name.c_str() + 11));
   }
   return best;
-}
-
-// A process that still exists and is not a zombie (an orphan may wait a while to be reaped).
-bool process_alive(pid_t pid) {
-  if (pid <= 0 || ::kill(pid, 0) != 0) return false;
-  const std::string st = read_file("/proc/" + std::to_string(pid) + "/stat");
-  const auto close = st.rfind(')');
-  return close == std::string::npos || close + 2 >= st.size() || st[close + 2] != 'Z';
 }
 
 int checkpoint_dirs(const fs::path& dir) {

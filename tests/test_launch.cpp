@@ -20,11 +20,13 @@
 #include <thread>
 #include <vector>
 
+#include "process_util.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
 using Catch::Matchers::ContainsSubstring;
 using qlora::test::read_file;
+using qlora::test::process_alive;
 using qlora::test::TempDir;
 using Clock = std::chrono::steady_clock;
 
@@ -116,14 +118,6 @@ std::map<std::string, std::string> parse_env(const std::string& text) {
     if (eq != std::string::npos) m[line.substr(0, eq)] = line.substr(eq + 1);
   }
   return m;
-}
-
-// A process that still exists and is not a zombie (an orphan waiting to be reaped counts as gone).
-bool process_alive(pid_t pid) {
-  if (pid <= 0 || ::kill(pid, 0) != 0) return false;
-  const std::string st = read_file("/proc/" + std::to_string(pid) + "/stat");
-  const auto close = st.rfind(')');
-  return close == std::string::npos || close + 2 >= st.size() || st[close + 2] != 'Z';
 }
 
 // Polls until no pid of `pids` is alive; false if some still are after `limit`.
