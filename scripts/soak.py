@@ -267,7 +267,9 @@ def kill_loop(runner, args, rng, rdir, total_steps, t_step, t_start, stats):
         elif sent == "TERM":
             stats["sigterm"] += 1
             stopped = re.search(r"stopped after step (\d+)", text)
-            if rc != 0 or not stopped:
+            # A SIGTERM that lands after the last step finds the run already finishing: exit 0 with
+            # its "done:" line and no stop is right too.
+            if rc != 0 or not (stopped or done):
                 stats["problems"].append(f"round {stats['round']} attempt {attempt}: SIGTERM -> exit {rc}, {'a' if stopped else 'no'} 'stopped after step' line")
             elif int(stopped.group(1)) not in after:
                 stats["problems"].append(f"round {stats['round']} attempt {attempt}: SIGTERM stopped after step {stopped.group(1)} but checkpoint-{stopped.group(1)} is not valid")

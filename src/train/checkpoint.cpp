@@ -233,7 +233,12 @@ fs::path finish_checkpoint(const fs::path& tmp, const fs::path& output_dir, int6
     for (auto it = dirs.rbegin(); it != dirs.rend(); ++it) {
       if (it->second == final_dir) continue;  // counted below, never deleted
       if (kept + 1 < keep_last) { ++kept; continue; }  // +1: the new checkpoint is one of keep_last
-      fs::remove_all(it->second, ec);
+      // Moved aside under a temp name first: a kill during the removal then leaves a hidden folder
+      // that the next save cleans, never a checkpoint-<step> with some of its files gone.
+      const fs::path doomed = temp_dir_path(output_dir, it->first, pid);
+      std::error_code moved;
+      fs::rename(it->second, doomed, moved);
+      fs::remove_all(moved ? it->second : doomed, ec);
       if (ec) log_warn(it->second.string() + ": cannot remove an old checkpoint: " + ec.message());
       else log_info(cat("removed ", it->second.string(), " (save_total_limit ", keep_last, ")"));
     }
