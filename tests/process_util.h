@@ -8,6 +8,7 @@
 #include <string>
 
 #include "test_util.h"
+#include "trainer_fixture.h"
 
 namespace qlora::test {
 
@@ -34,5 +35,12 @@ struct OneThreadChildren {
   OneThreadChildren(const OneThreadChildren&) = delete;
   OneThreadChildren& operator=(const OneThreadChildren&) = delete;
 };
+
+// The trainer fixture in `dir` and dir/cfg.yaml with `extra` keys added; returns the config's path.
+inline std::string write_fixture_config(const std::filesystem::path& dir, const std::string& extra) {
+  write_trainer_fixture(dir);
+  write_file(dir / "cfg.yaml", trainer_yaml(dir, extra));
+  return (dir / "cfg.yaml").string();
+}
 
 }  // namespace qlora::test

@@ -297,10 +297,8 @@ TEST_CASE("checkpoint: a write failing while saving is a WriteError naming the f
 TEST_CASE("qlora train: disk full while saving exits 5 with one line naming the file; resume works after", "[faults]") {
   OneThreadChildren one_thread;
   TempDir d("qlora_faults_ckpt");
-  qlora::test::write_trainer_fixture(d.path);
+  const std::string cfg = qlora::test::write_fixture_config(d.path, "save_steps: 2\nsave_total_limit: 1\n");
   const fs::path out = d.path / "out";
-  write_file(d.path / "cfg.yaml", qlora::test::trainer_yaml(d.path, "save_steps: 2\nsave_total_limit: 1\n"));
-  const std::string cfg = (d.path / "cfg.yaml").string();
   const Run first = qlora::test::run_qlora("train " + cfg + " max_steps=4");
   INFO(first.output);
   REQUIRE(first.status == 0);

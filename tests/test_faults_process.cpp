@@ -217,10 +217,8 @@ TEST_CASE("checkpoint: SIGKILL at random moments of saves never loses a complete
 TEST_CASE("qlora train: SIGKILL while saving every step; resume continues from the newest checkpoint", "[faults]") {
   OneThreadChildren one_thread;
   TempDir d("qlora_faults_proc");
-  qlora::test::write_trainer_fixture(d.path);
+  const std::string cfg = qlora::test::write_fixture_config(d.path, "save_steps: 1\nsave_total_limit: 2\n");
   const fs::path out = d.path / "out";
-  write_file(d.path / "cfg.yaml", qlora::test::trainer_yaml(d.path, "save_steps: 1\nsave_total_limit: 2\n"));
-  const std::string cfg = (d.path / "cfg.yaml").string();
   std::mt19937 rng(1206);
   int64_t prev = 0;  // the step the last resumed run ended at
   for (int trial = 0; trial < 3; ++trial) {
@@ -253,10 +251,8 @@ TEST_CASE("qlora train: SIGTERM or SIGINT while saving every step: a checkpoint,
   for (const int sig : {SIGTERM, SIGINT}) {
     CAPTURE(sig);
     TempDir d("qlora_faults_proc");
-    qlora::test::write_trainer_fixture(d.path);
+    const std::string cfg = qlora::test::write_fixture_config(d.path, "save_steps: 1\nsave_total_limit: 2\n");
     const fs::path out = d.path / "out";
-    write_file(d.path / "cfg.yaml", qlora::test::trainer_yaml(d.path, "save_steps: 1\nsave_total_limit: 2\n"));
-    const std::string cfg = (d.path / "cfg.yaml").string();
     const fs::path log = d.path / "train.log";
     const pid_t pid = spawn({QLORA_BINARY, "train", cfg, "max_steps=100000"}, log);
     // The handlers are installed before the first step: wait for step 2's checkpoint, then signal.
