@@ -24,7 +24,9 @@
 // of a tile are issued before the barrier that publishes the shared tables, so their latency
 // overlaps it. Variants, picked by NF4DequantizeArgs::variant so that `qlora bench nf4` times them
 // side by side on the device: 0 (the runtime's) uses plain stores; 1 streaming (evict-first,
-// st.global.cs) stores. 1 measured 1-3 % faster in isolation on an H200 (docs/PERFORMANCE.md),
+// st.global.cs) stores; 2 and 3 are 0 launched with programmatic dependent launch (sm_90), which
+// lets a launch's CTAs be placed while the previous kernel drains: 2 waits for the previous
+// kernel before any load, 3 only before its stores (see nf4.cuh for when that is allowed). 1 measured 1-3 % faster in isolation on an H200 (docs/PERFORMANCE.md),
 // but in training the GEMM reads the output next, and for a weight that fits in L2 a plain store
 // leaves it there. Tried and dropped, both measured slower on an H200: 32 elements per thread
 // with 16-byte loads (its stores land 64 bytes apart: half the bandwidth), and persistent CTAs
@@ -198,33 +200,79 @@ __device__ __forceinline__ void stage_tables(const DequantParams& p, float* s_nf
   if constexpr (NESTED) s_code2[threadIdx.x] = __ldg(p.code2 + threadIdx.x);  // kThreads == 256
 }
 
+// Programmatic dependent launch (sm_90+; no-ops below, and when the launch did not ask for it).
+// launch_dependents lets the next kernel in the stream, if it was launched with the PDL
+// attribute, be placed on SMs as ours drain; grid_dependency_wait blocks until the previous
+// kernel has finished and its writes are visible. Both are the CUDA runtime's
+// cudaTriggerProgrammaticLaunchCompletion / cudaGridDependencySynchronize, written as PTX so the
+// file needs no device-runtime header.
+__device__ __forceinline__ void launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// PDL: 0 = an ordinary launch; 1 = PDL, everything after the wait (safe whatever the previous
+// kernel wrote); 2 = PDL with the input loads before the wait (only when no kernel still running
+// ahead of this one writes the packed weight or its scales: frozen weights, the bench's sets).
 // One tile per CTA.
-template <typename T, bool NESTED, bool VEC, bool STREAM>
+template <typename T, bool NESTED, bool VEC, bool STREAM, int PDL>
 __global__ void __launch_bounds__(kThreads) nf4_dequantize_kernel(const DequantParams p) {
   __shared__ float s_nf4[16];
   __shared__ float s_code2[NESTED ? 256 : 1];
+  if constexpr (PDL != 0) launch_dependents();
+  if constexpr (PDL == 1) grid_dependency_wait();
   TileLoads t;
   load_tile<NESTED, VEC>(p, blockIdx.x, t);
   stage_tables<NESTED>(p, s_nf4, s_code2);
+  if constexpr (PDL == 2) grid_dependency_wait();
   __syncthreads();
   store_tile<T, NESTED, VEC, STREAM>(p, blockIdx.x, t, s_nf4, s_code2);
 }
 
-template <typename T, bool NESTED, bool VEC, bool STREAM>
-void launch_one_tile_per_cta(const DequantParams& p, cudaStream_t stream) {
+template <typename T, bool NESTED, bool VEC, bool STREAM, int PDL = 0>
+cudaError_t launch_one_tile_per_cta(const DequantParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.numel + kTileElems - 1) / kTileElems));
-  nf4_dequantize_kernel<T, NESTED, VEC, STREAM><<<grid, kThreads, 0, stream>>>(p);
+  if constexpr (PDL == 0) {
+    nf4_dequantize_kernel<T, NESTED, VEC, STREAM, 0><<<grid, kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  } else {
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(kThreads);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    // Below sm_90 there is no PDL: launch without the attribute (the kernel's PTX is compiled out).
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+      return cudaGetLastError();
+    cfg.numAttrs = major >= 9 ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, nf4_dequantize_kernel<T, NESTED, VEC, STREAM, PDL>, p);
+  }
 }
 
 template <typename T, bool NESTED>
 cudaError_t launch_dequant(const DequantParams& p, int variant, bool aligned, cudaStream_t stream) {
-  if (!aligned)
-    launch_one_tile_per_cta<T, NESTED, false, false>(p, stream);
-  else if (variant == 1)
-    launch_one_tile_per_cta<T, NESTED, true, true>(p, stream);
-  else
-    launch_one_tile_per_cta<T, NESTED, true, false>(p, stream);
-  return cudaGetLastError();
+  if (!aligned) return launch_one_tile_per_cta<T, NESTED, false, false>(p, stream);
+  switch (variant) {
+    case 1:
+      return launch_one_tile_per_cta<T, NESTED, true, true>(p, stream);
+    case 2:
+      return launch_one_tile_per_cta<T, NESTED, true, false, 1>(p, stream);
+    case 3:
+      return launch_one_tile_per_cta<T, NESTED, true, false, 2>(p, stream);
+    default:
+      return launch_one_tile_per_cta<T, NESTED, true, false>(p, stream);
+  }
 }
 
 // ---- quantize: one warp per block of `blocksize` elements -------------------------------------

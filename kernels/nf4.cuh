@@ -26,11 +26,14 @@ struct NF4DequantizeArgs {
   void* out = nullptr;                   // [numel] of out_type
   FloatType out_type = FloatType::bf16;
   // Launch variant of the dequant kernel (same arithmetic, same output; see kernels/nf4.cu):
-  // 0 = plain stores (the runtime's); 1 = streaming (evict-first) stores.
+  // 0 = plain stores (the runtime's); 1 = streaming (evict-first) stores; 2 = 0 with programmatic
+  // dependent launch (sm_90: placed while the previous kernel drains, waits for it before its
+  // first load); 3 = 2 with the input loads issued before that wait, valid only when no kernel
+  // ahead in the stream writes this weight's packed data or scales (a frozen weight).
   // Only `qlora bench nf4` and the tests set it, to time and check the variants on a device.
   int variant = 0;
 };
-inline constexpr int kDequantizeVariants = 2;
+inline constexpr int kDequantizeVariants = 4;
 
 // One pass: reads packed bytes and absmax codes, writes out; no temporary buffers.
 cudaError_t nf4_dequantize(const NF4DequantizeArgs& args, cudaStream_t stream);

@@ -196,7 +196,7 @@ TEST_CASE("nf4 CUDA dequantize: every launch variant gives the same bits", "[cud
   QLORA_REQUIRE_CUDA();
 #ifdef QLORA_WITH_CUDA
   // Variant 1 (streaming stores) is only reachable from the launcher; `qlora bench nf4` times it.
-  const int variant = GENERATE(1);
+  const int variant = GENERATE(1, 2, 3);
   const at::ScalarType dt = GENERATE_COPY(from_range(kFloatTypes));
   const int64_t numel = GENERATE(int64_t{65}, int64_t{64 * 256 * 3 + 17}, int64_t{1023 * 4097}, int64_t{20000003});
   const uint64_t seed = fresh_seed();

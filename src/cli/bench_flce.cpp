@@ -54,7 +54,7 @@ const std::vector<Case> kCases = {{4096, 4096, 128256, "Llama-3 head, 4k tokens"
                                   {16384, 4096, 128256, "Llama-3 head, 16k tokens"},
                                   {8192, 2304, 256000, "Gemma-2-2B head (CCE paper)"}};
 // 0 = the automatic choice (flce_chunk_rows); the others are fixed row counts to compare with it.
-const std::vector<int64_t> kChunks = {0, 2048, 4096, 8192};
+const std::vector<int64_t> kChunks = {0, 2048, 4096, 8192, 16384};
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());

@@ -41,12 +41,14 @@
 
 #include "cli/commands.h"
 #include "qlora/error.h"
+#include "qlora/host_memory.h"
 #include "qlora/log.h"
 #include "qlora/lora.h"
 #include "qlora/model.h"
 #include "qlora/trainer.h"
 
 #ifdef QLORA_WITH_CUDA
+#include <ATen/cuda/CachingHostAllocator.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <cuda_runtime.h>
@@ -304,6 +306,27 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
     json tried = json::array();
     std::optional<Measurement> best;
     for (int64_t seq = r.seq; seq <= o.max_seq; seq *= 2) {
+#ifdef QLORA_WITH_CUDA
+      // The previous length's pinned offload buffers sit in the caching host allocator: give them
+      // back before the next, larger try (they were 32 GiB at 131,072 tokens of the 8B shape).
+      at::getHostAllocator(at::kCUDA)->empty_cache();
+#endif
+      if (o.offload) {
+        const int64_t layers = o.checkpoint_layers < 0 ? shape.num_hidden_layers
+                                                       : std::min<int64_t>(shape.num_hidden_layers, o.checkpoint_layers);
+        const int64_t need = offload_pinned_bytes(layers, seq * r.batch, shape.hidden_size,
+                                                  static_cast<int64_t>(c10::elementSize(mo.compute_dtype)));
+        const HostMemory host = host_memory_available();
+        if (host.available >= 0 && static_cast<double>(need) > 0.9 * static_cast<double>(host.available)) {
+          std::printf("  seq %7lld: not tried: the offloaded layer inputs need %.1f GiB of pinned host memory, more "
+                      "than 90 %% of the %.1f GiB available (%s)\n",
+                      static_cast<long long>(seq), static_cast<double>(need) / (1 << 30),
+                      static_cast<double>(host.available) / (1 << 30), host.source.c_str());
+          tried.push_back({{"seq", seq}, {"fits", false}, {"reason", "host memory"}, {"pinned_bytes_needed", need},
+                           {"host_bytes_available", host.available}});
+          break;
+        }
+      }
       try {
         const Measurement m = measure(config, model, seq, r.batch, 1, 1, false, r.seed);
         std::printf("  seq %7lld: fits, %.0f tokens/s, peak %.2f GiB\n", static_cast<long long>(seq), m.tokens_per_s,

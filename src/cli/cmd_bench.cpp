@@ -28,7 +28,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
-#include "../../kernels/nf4.cuh"  // the launcher, for the bench-only thread layouts (variants 1, 2)
+#include "../../kernels/nf4.cuh"  // the launcher, for the bench-only launch variants (1..3)
 #endif
 
 namespace qlora::cli {
@@ -145,11 +145,12 @@ int bench_nf4(const BenchOptions& o) {
   std::printf("nested NF4, blocksize 64; GB/s count packed + absmax codes + absmax2 + output bytes\n");
   std::printf("ours = the kernel (variant 0, the runtime's) via its launcher; %%copy = of the 2 GiB copy above; "
               "copy= = a copy moving the same bytes (read + written) as this dequant, timed the same way; "
-              "v1 = streaming stores (kernels/nf4.cu); api = nf4_dequantize_out (checks + launch); torch = plain "
+              "v1 = streaming stores, v2 = programmatic dependent launch (PDL), v3 = PDL with loads before the wait "
+              "(kernels/nf4.cu); api = nf4_dequantize_out (checks + launch); torch = plain "
               "libtorch ops; bits equal: torch, v1 and api outputs vs ours\n\n");
-  std::printf("%-12s %-5s %5s | %9s %8s %6s | %10s %6s | %8s | %9s | %9s %8s %8s | %s\n", "shape", "out", "sets",
-              "ours ms", "GB/s", "%copy", "copy= GB/s", "%copy=", "v1 GB/s", "api ms", "torch ms", "GB/s", "speedup",
-              "bits equal");
+  std::printf("%-12s %-5s %5s | %9s %8s %6s | %10s %6s | %8s %8s %6s %8s %6s | %9s | %9s %8s %8s | %s\n", "shape",
+              "out", "sets", "ours ms", "GB/s", "%copy", "copy= GB/s", "%copy=", "v1 GB/s", "v2 GB/s", "%copy",
+              "v3 GB/s", "%copy", "api ms", "torch ms", "GB/s", "speedup", "bits equal");
 
   nlohmann::json results = nlohmann::json::array();
   const auto opt_cuda = at::TensorOptions().device(at::kCUDA);
@@ -217,9 +218,12 @@ int bench_nf4(const BenchOptions& o) {
 
       auto gbps = [&](double ms) { return bytes / (ms * 1e-3) / 1e9; };
       const char* dname = dt == at::kHalf ? "fp16" : "bf16";
-      std::printf("%-12s %-5s %5d | %9.4f %8.0f %5.1f%% | %10.0f %5.1f%% | %8.0f | %9.4f | %9.4f %8.0f %7.2fx | %s, %s, %s\n",
+      std::printf("%-12s %-5s %5d | %9.4f %8.0f %5.1f%% | %10.0f %5.1f%% | %8.0f %8.0f %5.1f%% %8.0f %5.1f%% | %9.4f | "
+                  "%9.4f %8.0f %7.2fx | %s, %s, %s\n",
                   shape_str(s).c_str(), dname, nsets, ours, gbps(ours), 100.0 * gbps(ours) / copy_gbps, copy_same_gbps,
-                  100.0 * gbps(ours) / copy_same_gbps, gbps(layout_ms[1]), api, ref, gbps(ref), ref / ours,
+                  100.0 * gbps(ours) / copy_same_gbps, gbps(layout_ms[1]), gbps(layout_ms[2]),
+                  100.0 * gbps(layout_ms[2]) / copy_gbps, gbps(layout_ms[3]), 100.0 * gbps(layout_ms[3]) / copy_gbps, api,
+                  ref, gbps(ref), ref / ours,
                   torch_equal ? "yes" : "NO", variants_equal ? "yes" : "NO", api_equal ? "yes" : "NO");
       std::fflush(stdout);
       results.push_back({{"shape", {s.rows, s.cols}},

@@ -87,20 +87,33 @@ struct Grads {
 };
 
 // dW += g^T X_c, accumulated in fp32 whatever X's dtype (g: the gradient in X's dtype; gf: the
-// fp32 gradient when the step made one, else undefined).
-void accumulate_dw(at::Tensor& dw, const at::Tensor& g, const at::Tensor& gf, const at::Tensor& xc) {
+// fp32 gradient when the step made one, else undefined). `first`: dW holds nothing yet (it is
+// allocated uninitialized) and the GEMM writes it with beta = 0, which saves a memset and a read
+// of the whole fp32 [V,H] accumulator (4.2 GB of traffic at V=128256, H=4096; measured in
+// docs/PERFORMANCE.md).
+void accumulate_dw(at::Tensor& dw, const at::Tensor& g, const at::Tensor& gf, const at::Tensor& xc, bool first) {
   if (xc.scalar_type() == at::kFloat) {
-    dw.addmm_(gf.t(), xc);
+    if (first)
+      at::mm_out(dw, gf.t(), xc);
+    else
+      dw.addmm_(gf.t(), xc);
     return;
   }
 #ifdef QLORA_WITH_CUDA
-  if (xc.is_cuda()) {  // cuBLAS: 16-bit inputs, fp32 accumulate and output (aten::addmm.dtype_out)
-    at::addmm_out(dw, dw, g.t(), xc, at::kFloat);
+  if (xc.is_cuda()) {  // cuBLAS: 16-bit inputs, fp32 accumulate and output (aten::mm/addmm.dtype_out)
+    if (first)
+      at::mm_out(dw, g.t(), xc, at::kFloat);
+    else
+      at::addmm_out(dw, dw, g.t(), xc, at::kFloat);
     return;
   }
 #endif
   // CPU has no addmm.dtype: upcast the chunk (the fp32 gradient itself when the step made one).
-  dw.addmm_((gf.defined() ? gf : g.to(at::kFloat)).t(), xc.to(at::kFloat));
+  const at::Tensor g32 = gf.defined() ? gf : g.to(at::kFloat);
+  if (first)
+    at::mm_out(dw, g32.t(), xc.to(at::kFloat));
+  else
+    dw.addmm_(g32.t(), xc.to(at::kFloat));
 }
 
 // The chunk loop. step(logits, labels_c, begin, n) gets the chunk's logits [n,V] as the GEMM made
@@ -111,6 +124,7 @@ void chunk_loop(const at::Tensor& X, const at::Tensor& W, const at::Tensor& labe
                 Step&& step) {
   const int64_t N = X.size(0);
   const at::Tensor Wt = W.t();
+  bool dw_written = false;
   for (int64_t b = 0; b < N; b += rows) {
     const int64_t n = std::min(rows, N - b);
     const at::Tensor xc = X.narrow(0, b, n);
@@ -126,14 +140,18 @@ void chunk_loop(const at::Tensor& X, const at::Tensor& W, const at::Tensor& labe
       at::Tensor dxc = out.dx.narrow(0, b, n);
       at::mm_out(dxc, g, W);
     }
-    if (out.dw.defined()) accumulate_dw(out.dw, g, gf, xc);
+    if (out.dw.defined()) {
+      accumulate_dw(out.dw, g, gf, xc, !dw_written);
+      dw_written = true;
+    }
   }
+  if (out.dw.defined() && !dw_written) out.dw.zero_();  // no chunk had a gradient (e.g. N = 0)
 }
 
 Grads make_grads(const at::Tensor& X, const at::Tensor& W, bool need_dx, bool need_dw) {
   Grads g;
   if (need_dx) g.dx = at::empty(X.sizes(), X.options());
-  if (need_dw) g.dw = at::zeros(W.sizes(), W.options().dtype(at::kFloat));
+  if (need_dw) g.dw = at::empty(W.sizes(), W.options().dtype(at::kFloat));  // chunk_loop writes every element
   return g;
 }
 

@@ -23,7 +23,9 @@
 #include "data/tokenizer_internal.h"
 #include "qlora/checkpoint.h"
 #include "qlora/error.h"
+#include "qlora/dist.h"
 #include "qlora/fused_layer.h"
+#include "qlora/host_memory.h"
 #include "qlora/log.h"
 #include "qlora/metrics.h"
 #include "qlora/safetensors.h"
@@ -178,6 +180,23 @@ Tokenizer load_train_tokenizer(const TrainConfig& config, int64_t model_vocab_si
 
 namespace {
 
+// activation_offloading keeps each recomputed layer's input [micro_batch_size x sequence_len,
+// hidden] in pinned host memory until the backward reaches it: refuse a run whose inputs cannot
+// fit in the host's memory before it starts instead of being OOM-killed in its first step.
+void check_offload_fits_host(const TrainConfig& config, const LlamaWeights& model, const at::Device& device,
+                             at::ScalarType dtype) {
+  if (!config.activation_offloading || !config.gradient_checkpointing || !device.is_cuda()) return;
+  const int64_t L = static_cast<int64_t>(model.layers.size());
+  const int64_t layers = config.gradient_checkpointing_layers < 0 ? L : std::min<int64_t>(L, config.gradient_checkpointing_layers);
+  const int64_t tokens = int64_t{config.micro_batch_size} * config.sequence_len;
+  const int64_t hidden = model.config.hidden_size;
+  const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
+  const auto env = read_dist_env();
+  check_host_memory_fits(offload_pinned_bytes(layers, tokens, hidden, elem), env ? env->local_world_size : 1,
+                         host_memory_available(), "activation_offloading",
+                         cat(layers, " layers x ", tokens, " tokens x ", hidden, " x ", elem, " bytes"));
+}
+
 Trainer build_trainer(const TrainConfig& config, const TrainerOptions& options, std::shared_ptr<Collective> comm,
                       TrainerInputs inputs) {
   Trainer t;
@@ -231,6 +250,8 @@ Trainer build_trainer(const TrainConfig& config, const TrainerOptions& options, 
                t.model.layers.front().q_proj.nf4 ? "NF4" : "16-bit", " base, compute ", dtype_name(t.compute_dtype),
                " on ", t.device.str(), " (", fixed(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1),
                " s)"));
+
+  check_offload_fits_host(config, t.model, t.device, t.compute_dtype);
 
   t.batching.pad_id = 0;
   if (inputs.data) {
