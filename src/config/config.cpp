@@ -223,7 +223,8 @@ const std::vector<KeySpec>& key_table() {
       float_key("max_grad_norm", &TrainConfig::max_grad_norm, 0, 1e9, false, false, "clip the global gradient norm; 0: no clipping"),
       bool_key("gradient_checkpointing", &TrainConfig::gradient_checkpointing, "recompute each layer in backward instead of keeping activations"),
       bool_key("activation_offloading", &TrainConfig::activation_offloading,
-               "with gradient_checkpointing: keep each layer's input in pinned CPU memory, not on the GPU (axolotl's name)"),
+               "with gradient_checkpointing: keep each layer's input in pinned CPU memory, not on the GPU (axolotl's name); "
+               "a run whose inputs would take over 90 % of the host's available memory is refused before it starts"),
       int_key("gradient_checkpointing_layers", &TrainConfig::gradient_checkpointing_layers, -1, 1 << 20,
               "with gradient_checkpointing: only the first N layers recompute in backward, the others keep their "
               "activations (faster, more memory); -1: every layer"),
