@@ -23,10 +23,13 @@
 // one absmax per 8 elements (an L1-hit byte load, a shared-memory lookup, two fp32 ops). All loads
 // of a tile are issued before the barrier that publishes the shared tables, so their latency
 // overlaps it. Variants, picked by NF4DequantizeArgs::variant so that `qlora bench nf4` times them
-// side by side on the device: 0 (the runtime's) uses plain stores; 1 streaming (evict-first,
-// st.global.cs) stores; 2 and 3 are 0 launched with programmatic dependent launch (sm_90), which
-// lets a launch's CTAs be placed while the previous kernel drains: 2 waits for the previous
-// kernel before any load, 3 only before its stores (see nf4.cuh for when that is allowed). 1 measured 1-3 % faster in isolation on an H200 (docs/PERFORMANCE.md),
+// side by side on the device: 0 (the runtime's) uses plain stores and programmatic dependent
+// launch (PDL, sm_90: the launch's CTAs are placed while the previous kernel drains and wait for it
+// before their first load; measured on an H100, 88.7 % -> 91.4 % of the copy bandwidth at
+// 14336x4096 in back-to-back launches, docs/PERFORMANCE.md); 1 is 0 with streaming (evict-first,
+// st.global.cs) stores; 2 is 0 without PDL (the launch before 2026-12-06); 3 is 0 with the input
+// loads issued before the wait (see nf4.cuh for when that is allowed). 1 measured 1-3 % faster
+// in isolation on an H200 (docs/PERFORMANCE.md),
 // but in training the GEMM reads the output next, and for a weight that fits in L2 a plain store
 // leaves it there. Tried and dropped, both measured slower on an H200: 32 elements per thread
 // with 16-byte loads (its stores land 64 bytes apart: half the bandwidth), and persistent CTAs
@@ -262,16 +265,16 @@ cudaError_t launch_one_tile_per_cta(const DequantParams& p, cudaStream_t stream)
 
 template <typename T, bool NESTED>
 cudaError_t launch_dequant(const DequantParams& p, int variant, bool aligned, cudaStream_t stream) {
-  if (!aligned) return launch_one_tile_per_cta<T, NESTED, false, false>(p, stream);
+  if (!aligned) return launch_one_tile_per_cta<T, NESTED, false, false, 1>(p, stream);
   switch (variant) {
     case 1:
-      return launch_one_tile_per_cta<T, NESTED, true, true>(p, stream);
+      return launch_one_tile_per_cta<T, NESTED, true, true, 1>(p, stream);
     case 2:
-      return launch_one_tile_per_cta<T, NESTED, true, false, 1>(p, stream);
+      return launch_one_tile_per_cta<T, NESTED, true, false, 0>(p, stream);
     case 3:
       return launch_one_tile_per_cta<T, NESTED, true, false, 2>(p, stream);
     default:
-      return launch_one_tile_per_cta<T, NESTED, true, false>(p, stream);
+      return launch_one_tile_per_cta<T, NESTED, true, false, 1>(p, stream);
   }
 }
 

@@ -26,10 +26,10 @@ struct NF4DequantizeArgs {
   void* out = nullptr;                   // [numel] of out_type
   FloatType out_type = FloatType::bf16;
   // Launch variant of the dequant kernel (same arithmetic, same output; see kernels/nf4.cu):
-  // 0 = plain stores (the runtime's); 1 = streaming (evict-first) stores; 2 = 0 with programmatic
-  // dependent launch (sm_90: placed while the previous kernel drains, waits for it before its
-  // first load); 3 = 2 with the input loads issued before that wait, valid only when no kernel
-  // ahead in the stream writes this weight's packed data or scales (a frozen weight).
+  // 0 = the runtime's: plain stores, programmatic dependent launch on sm_90 (placed while the
+  // previous kernel drains, waits for it before its first load); 1 = 0 with streaming
+  // (evict-first) stores; 2 = 0 without PDL; 3 = 0 with the input loads issued before that wait,
+  // valid only when no kernel ahead in the stream writes this weight's packed data or scales.
   // Only `qlora bench nf4` and the tests set it, to time and check the variants on a device.
   int variant = 0;
 };

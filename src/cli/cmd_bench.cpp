@@ -145,8 +145,8 @@ int bench_nf4(const BenchOptions& o) {
   std::printf("nested NF4, blocksize 64; GB/s count packed + absmax codes + absmax2 + output bytes\n");
   std::printf("ours = the kernel (variant 0, the runtime's) via its launcher; %%copy = of the 2 GiB copy above; "
               "copy= = a copy moving the same bytes (read + written) as this dequant, timed the same way; "
-              "v1 = streaming stores, v2 = programmatic dependent launch (PDL), v3 = PDL with loads before the wait "
-              "(kernels/nf4.cu); api = nf4_dequantize_out (checks + launch); torch = plain "
+              "ours launches with programmatic dependent launch (PDL) on sm_90; v1 = ours with streaming stores, v2 = ours "
+              "without PDL, v3 = ours with its loads before the PDL wait (kernels/nf4.cu); api = nf4_dequantize_out (checks + launch); torch = plain "
               "libtorch ops; bits equal: torch, v1 and api outputs vs ours\n\n");
   std::printf("%-12s %-5s %5s | %9s %8s %6s | %10s %6s | %8s %8s %6s %8s %6s | %9s | %9s %8s %8s | %s\n", "shape",
               "out", "sets", "ours ms", "GB/s", "%copy", "copy= GB/s", "%copy=", "v1 GB/s", "v2 GB/s", "%copy",
