@@ -26,6 +26,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -523,6 +524,13 @@ TEST_CASE("lora: malformed adapter directories are UserErrors naming the problem
     CHECK_THAT(load_error(p, m), ContainsSubstring("not valid JSON"));
   }
   CHECK_THAT(load_error(with("peft_type", "IA3"), m), ContainsSubstring("peft_type is 'IA3', expected LORA"));
+  // Found by fuzz/peft_adapter: a non-string peft_type escaped as nlohmann's type_error, and an r
+  // beyond int was wrapped by get<int> (2^33 became 0).
+  CHECK_THAT(load_error(with("peft_type", 6), m), ContainsSubstring("peft_type is 6, expected LORA"));
+  CHECK_THAT(load_error(with("peft_type", json::object()), m), ContainsSubstring("peft_type is {}, expected LORA"));
+  for (const json& r : {json(int64_t{1} << 33), json(-(int64_t{1} << 33)), json(std::numeric_limits<uint64_t>::max()),
+                        json(2.5), json(4097)})
+    CHECK_THAT(load_error(with("r", r), m), ContainsSubstring("r is " + r.dump() + ", expected an integer rank in 1..4096"));
   CHECK_THAT(load_error(with("use_dora", true), m), ContainsSubstring("use_dora is set: DoRA is not supported"));
   CHECK_THAT(load_error(with("rank_pattern", {{"q_proj", 8}}), m), ContainsSubstring("rank_pattern"));
   CHECK_THAT(load_error(with("modules_to_save", {"lm_head"}), m), ContainsSubstring("modules_to_save is set"));

@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -155,9 +156,11 @@ LoraOptions parse_adapter_config(const fs::path& path, std::vector<std::string>&
     throw UserError(where + ": not valid JSON (" + e.what() + ")");
   }
   if (!j.is_object()) throw UserError(where + ": expected a JSON object");
-  const std::string peft_type = j.value("peft_type", std::string());
-  if (peft_type != "LORA")
-    throw UserError(where + ": peft_type is '" + peft_type + "', expected LORA (the only adapter type qlora runs)");
+  const json peft_type = j.value("peft_type", json(""));
+  if (!peft_type.is_string() || peft_type.get<std::string>() != "LORA")
+    throw UserError(where + ": peft_type is " +
+                    (peft_type.is_string() ? "'" + peft_type.get<std::string>() + "'" : peft_type.dump()) +
+                    ", expected LORA (the only adapter type qlora runs)");
 
   // Options that change the computation and that we do not implement: refuse rather than ignore.
   const std::vector<std::pair<const char*, const char*>> unsupported = {
@@ -183,7 +186,12 @@ LoraOptions parse_adapter_config(const fs::path& path, std::vector<std::string>&
   LoraOptions o;
   try {
     const json& r = j.at("r");
-    if (!r.is_number_integer()) throw UserError(where + ": r is " + r.dump() + ", expected an integer >= 1");
+    // At most the config's lora_r limit, checked before get<int>, which would wrap a larger value
+    // (2^33 became 0); r < 1 is validate_lora_options' error below.
+    const bool r_ok = r.is_number_unsigned()  ? r.get<uint64_t>() <= 4096
+                      : r.is_number_integer() ? r.get<int64_t>() >= std::numeric_limits<int>::min() && r.get<int64_t>() <= 4096
+                                              : false;
+    if (!r_ok) throw UserError(where + ": r is " + r.dump() + ", expected an integer rank in 1..4096");
     o.r = r.get<int>();
     const json alpha = j.value("lora_alpha", json(8));
     if (!alpha.is_number()) throw UserError(where + ": lora_alpha is " + alpha.dump() + ", expected a number");
