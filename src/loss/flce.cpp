@@ -89,8 +89,8 @@ struct Grads {
 // dW += g^T X_c, accumulated in fp32 whatever X's dtype (g: the gradient in X's dtype; gf: the
 // fp32 gradient when the step made one, else undefined). `first`: dW holds nothing yet (it is
 // allocated uninitialized) and the GEMM writes it with beta = 0, which saves a memset and a read
-// of the whole fp32 [V,H] accumulator (4.2 GB of traffic at V=128256, H=4096; measured in
-// docs/PERFORMANCE.md).
+// of the whole fp32 [V,H] accumulator (4.2 GB of traffic at V=128256, H=4096). On an H100 that was
+// within the noise (3.25x -> 3.24x one GEMM, docs/PERFORMANCE.md): the GEMM hides the traffic.
 void accumulate_dw(at::Tensor& dw, const at::Tensor& g, const at::Tensor& gf, const at::Tensor& xc, bool first) {
   if (xc.scalar_type() == at::kFloat) {
     if (first)

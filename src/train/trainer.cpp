@@ -22,8 +22,8 @@
 
 #include "data/tokenizer_internal.h"
 #include "qlora/checkpoint.h"
-#include "qlora/error.h"
 #include "qlora/dist.h"
+#include "qlora/error.h"
 #include "qlora/fused_layer.h"
 #include "qlora/host_memory.h"
 #include "qlora/log.h"
