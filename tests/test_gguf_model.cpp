@@ -506,6 +506,18 @@ TEST_CASE("gguf model: the un-permute is the converter's inverse; bad files are 
   CHECK_THAT(load_error(rewrite("", "blk.0.ffn_down.weight")),
              ContainsSubstring("blk.0.ffn_down.weight (model.layers.0.mlp.down_proj.weight): expected shape [64, 96]") &&
                  ContainsSubstring("found [96, 64]"));
+  // Found by fuzz/gguf_model: a block_count of 2^28 made the loader reserve room for that many
+  // layers (262 GB) before it looked for a single layer tensor.
+  {
+    const qlora::GgufFile f(d.path / "model.gguf");
+    qlora::GgufWriter w;
+    for (const auto& [k, v] : f.metadata()) w.set(k, v);
+    w.set("llama.block_count", qlora::GgufValue::make_uint32(1u << 28));
+    for (const auto& t : f.tensors()) w.add_tensor(t.name, t.type, t.dims, f.tensor_data(t), t.nbytes);
+    w.write(d.path / "many_blocks.gguf");
+  }
+  CHECK_THAT(load_error(d.path / "many_blocks.gguf"),
+             ContainsSubstring("model.layers.2.input_layernorm.weight is missing from the GGUF file"));
 }
 
 TEST_CASE("gguf model: rope_freqs.weight divides the inverse frequencies", "[gguf]") {

@@ -240,7 +240,8 @@ LlamaWeights assemble_llama(const HFConfig& config, const ModelLoadOptions& opti
   const int64_t q_out = config.num_attention_heads * config.head_dim;
   const int64_t kv_out = config.num_key_value_heads * config.head_dim;
   m.embed_tokens = dense("model.embed_tokens.weight", {V, H});
-  m.layers.reserve(static_cast<size_t>(config.num_hidden_layers));
+  // No reserve(num_hidden_layers): the count comes from the file, and a corrupt one (2^28, found by
+  // fuzz/gguf_model) would allocate before the first missing layer tensor names the problem.
   for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
     const std::string p = "model.layers." + std::to_string(i) + ".";
     DecoderLayerWeights l;
