@@ -45,6 +45,13 @@ inline void write_bytes(const std::filesystem::path& path, std::string_view byte
   }
 }
 
+// Writes `bytes` to scratch_dir()/`name` and returns that path: the input of a path-based API.
+inline std::filesystem::path write_scratch(const std::string& name, std::string_view bytes) {
+  std::filesystem::path file = scratch_dir() / name;
+  write_bytes(file, bytes);
+  return file;
+}
+
 // Runs `f`; a UserError is the expected outcome of bad input, anything else propagates.
 template <typename F>
 bool expect_user_error(F&& f) {

@@ -92,8 +92,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 }
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  const fs::path file = fuzz::scratch_dir() / "input.gguf";
-  fuzz::write_bytes(file, {reinterpret_cast<const char*>(data), size});
+  const fs::path file = fuzz::write_scratch("input.gguf", {reinterpret_cast<const char*>(data), size});
   fuzz::expect_user_error([&] {
     const GgufFile g(file);
     exercise(g);

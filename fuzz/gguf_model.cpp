@@ -17,6 +17,14 @@ namespace {
 namespace fs = std::filesystem;
 using namespace qlora;
 
+// How the target loads (and builds) models: on the CPU, fp32, linear weights not quantized.
+ModelLoadOptions cpu_fp32() {
+  ModelLoadOptions mo;
+  mo.load_in_4bit = false;
+  mo.compute_dtype = at::kFloat;
+  return mo;
+}
+
 // A tiny Llama (1 or 2 layers, hidden 32, GQA 2:1; down_proj rows of 48 fall back to f16 under q8_0) written the way `qlora export --format gguf`
 // writes one: the exporter's metadata, tensor names and Q/K permutation; f32 or q8_0 matrices.
 std::string tiny_gguf(int64_t layers, bool tie, GgmlType matrix_type) {
@@ -25,10 +33,7 @@ std::string tiny_gguf(int64_t layers, bool tie, GgmlType matrix_type) {
       {"intermediate_size", 48}, {"num_hidden_layers", layers}, {"num_attention_heads", 2},
       {"num_key_value_heads", 1}, {"vocab_size", 32}, {"max_position_embeddings", 64},
       {"rms_norm_eps", 1e-5}, {"rope_theta", 10000.0}, {"tie_word_embeddings", tie}});
-  ModelLoadOptions mo;
-  mo.load_in_4bit = false;
-  mo.compute_dtype = at::kFloat;
-  const LlamaWeights m = random_llama(config, mo, 5);
+  const LlamaWeights m = random_llama(config, cpu_fp32(), 5);
   GgufWriter w;
   add_gguf_model_metadata(w, config, "fuzz tiny", matrix_type);
   auto add = [&](const std::string& hf_name, at::Tensor t) {
@@ -66,14 +71,11 @@ void write_seeds(const fs::path& dir) {
   fuzz::write_bytes(dir / "tiny-f32-2layers", tiny_gguf(2, false, GgmlType::f32));
   fuzz::write_bytes(dir / "tiny-q8_0", tiny_gguf(1, false, GgmlType::q8_0));
   // The seeds are only worth their coverage if they load: a UserError here is a broken seed.
-  ModelLoadOptions mo;
-  mo.load_in_4bit = false;
-  mo.compute_dtype = at::kFloat;
   for (const char* name : {"tiny-f32-tied", "tiny-f32-2layers", "tiny-q8_0"}) {
     const fs::path copy = fuzz::scratch_dir() / (std::string(name) + ".gguf");
     fs::copy_file(dir / name, copy, fs::copy_options::overwrite_existing);
     try {
-      (void)load_llama_gguf(copy, mo);
+      (void)load_llama_gguf(copy, cpu_fp32());
     } catch (const std::exception& e) {
       fuzz::invariant_failed(std::string("seed ") + name + " does not load: " + e.what());
     }
@@ -89,13 +91,9 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 }
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  const fs::path file = fuzz::scratch_dir() / "model.gguf";
-  fuzz::write_bytes(file, std::string_view(reinterpret_cast<const char*>(data), size));
-  ModelLoadOptions mo;
-  mo.load_in_4bit = false;
-  mo.compute_dtype = at::kFloat;
+  const fs::path file = fuzz::write_scratch("model.gguf", {reinterpret_cast<const char*>(data), size});
   LlamaWeights m;
-  if (!fuzz::expect_user_error([&] { m = load_llama_gguf(file, mo); })) return 0;
+  if (!fuzz::expect_user_error([&] { m = load_llama_gguf(file, cpu_fp32()); })) return 0;
   const HFConfig& c = m.config;
   const int64_t hd = c.head_dim > 0 ? c.head_dim : c.hidden_size / c.num_attention_heads;
   auto check = [&](const LinearWeight& lw, int64_t out, int64_t in, const char* what) {

@@ -49,8 +49,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 }
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  const fs::path file = fuzz::scratch_dir() / "config.json";
-  fuzz::write_bytes(file, std::string_view(reinterpret_cast<const char*>(data), size));
+  const fs::path file = fuzz::write_scratch("config.json", {reinterpret_cast<const char*>(data), size});
   HFConfig config;
   if (!fuzz::expect_user_error([&] { config = load_hf_config(file); })) return 0;
   const nlohmann::json written = hf_config_to_json(config);

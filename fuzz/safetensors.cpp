@@ -66,8 +66,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 1) return 0;
   const std::string_view body(reinterpret_cast<const char*>(data + 1), size - 1);
   if ((data[0] & 1) == 0) {
-    const fs::path file = fuzz::scratch_dir() / "input.safetensors";
-    fuzz::write_bytes(file, body);
+    const fs::path file = fuzz::write_scratch("input.safetensors", body);
     fuzz::expect_user_error([&] {
       const SafetensorsFile f(file);
       touch_all(f);

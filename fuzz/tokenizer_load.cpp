@@ -177,8 +177,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   Tokenizer tok;
   bool loaded = false;
   if (input.substr(0, 4) == "GGUF") {
-    const fs::path file = fuzz::scratch_dir() / "vocab.gguf";
-    fuzz::write_bytes(file, input);
+    const fs::path file = fuzz::write_scratch("vocab.gguf", input);
     loaded = fuzz::expect_user_error([&] { tok = tokenizer_from_gguf(GgufFile(file)); });
   } else {
     const fs::path dir = fuzz::scratch_dir() / "tokenizer";
