@@ -27,8 +27,21 @@ struct CrossEntropyChunkArgs {
   const float* grad_row_scale = nullptr;  // optional [rows] fp32 device: row r's gradient is also
                                           // multiplied by grad_row_scale[r] (per-token weights, e.g.
                                           // grad_output of reduction "none"); read only when grad_scale != 0
+  int cluster_ctas = 0;            // which kernel (kernels/cross_entropy.cu): 0 = the launcher's choice (the
+                                   // one-read kernel where it applies, else the two-pass one); -1 = the
+                                   // two-pass kernel; 1..8 = the one-read kernel with this many CTAs per row
+                                   // (cudaErrorNotSupported where the device or the row cannot take it).
+                                   // Forced values are for tests and `qlora bench ce`; ignored when
+                                   // grad_scale == 0 (loss only reads each row once anyway).
 };
 
+// Errors: cudaErrorInvalidValue for bad arguments (nothing launched), cudaErrorNotSupported for a
+// forced cluster_ctas the device cannot run, else the launch's status.
 cudaError_t cross_entropy_chunk(const CrossEntropyChunkArgs& args, cudaStream_t stream);
+
+// The CTAs per row the launcher uses for rows x vocab of `type` (gradient: grad_scale != 0) with
+// cluster_ctas = `requested`: 0 = the two-pass kernel, 1..8 = the one-read kernel, -1 = a forced
+// size that cannot run here. On the current CUDA device.
+int cross_entropy_resident_ctas(int64_t rows, int64_t vocab, FloatType type, bool gradient, int requested);
 
 }  // namespace qlora::kernels

@@ -29,6 +29,8 @@ namespace qlora::kernels {
 // cross_entropy.cu.o only while something in it calls the launcher (src/loss/flce.cpp does). Should
 // that change, this test fails on a GPU (launcher missing) instead of breaking everyone's link.
 __attribute__((weak)) cudaError_t cross_entropy_chunk(const CrossEntropyChunkArgs& args, cudaStream_t stream);
+__attribute__((weak)) int cross_entropy_resident_ctas(int64_t rows, int64_t vocab, FloatType type, bool gradient,
+                                                      int requested);
 }  // namespace qlora::kernels
 #endif
 
@@ -149,7 +151,7 @@ struct Run {
 // Launches on a copy of `buffer` (moved to the GPU); logits start `offset` elements into it, rows
 // `ld` apart.
 Run run_kernel(const at::Tensor& buffer, int64_t offset, int64_t rows, int64_t vocab, int64_t ld,
-               const at::Tensor& labels, const Options& o, const at::Tensor& row_scale = {}) {
+               const at::Tensor& labels, const Options& o, const at::Tensor& row_scale = {}, int cluster_ctas = 0) {
   at::Tensor buf = buffer.to(at::kCUDA);
   const at::Tensor rs = row_scale.defined() ? row_scale.to(at::kFloat).to(at::kCUDA) : at::Tensor();
   const at::Tensor lab = labels.to(at::kCUDA);
@@ -171,6 +173,7 @@ Run run_kernel(const at::Tensor& buffer, int64_t offset, int64_t rows, int64_t v
   a.lse = lse.data_ptr<float>();
   a.grad_scale = o.grad_scale;
   a.grad_row_scale = rs.defined() ? rs.data_ptr<float>() : nullptr;
+  a.cluster_ctas = cluster_ctas;
   Run r;
   r.status = qlora::kernels::cross_entropy_chunk(a, c10::cuda::getCurrentCUDAStream().stream());
   r.loss = loss.cpu();
@@ -178,45 +181,12 @@ Run run_kernel(const at::Tensor& buffer, int64_t offset, int64_t rows, int64_t v
   r.buffer = buf.cpu();
   return r;
 }
-#endif
-
-}  // namespace
-
-TEST_CASE("cross_entropy_chunk matches an fp64 reference: loss, lse, gradient in place", "[cuda][flce]") {
-  QLORA_REQUIRE_CUDA();
-#ifdef QLORA_WITH_CUDA
-  REQUIRE(&qlora::kernels::cross_entropy_chunk != nullptr);  // see the weak declaration above
-  const Case c = GENERATE(from_range(kCases));
-  const at::ScalarType dt = GENERATE(at::kFloat, at::kBFloat16, at::kHalf);
-  const OptionSet os = GENERATE(from_range(kOptionSets));
-  const bool strided = GENERATE(false, true);  // odd ld > vocab and a base one element off 16 bytes
-  const float grad_scale = GENERATE(0.37f, 0.0f);
-  const uint64_t seed = fresh_seed();
-  Options o = os.o;
-  o.grad_scale = grad_scale;
-  const int64_t rows = c.rows, vocab = c.vocab;
-  const int64_t ld = strided ? vocab + 3 + (vocab % 2 == 0 ? 0 : 2) : vocab;  // odd when strided
-  const int64_t offset = strided ? 1 : 0;
-  CAPTURE(rows, vocab, ld, offset, c10::toString(dt), os.name, grad_scale, seed);
-
-  at::Generator gen = at::detail::createCPUGenerator(seed);
-  const double sigma = o.softcap > 0 ? 25.0 : 3.0;  // softcap: reach into tanh's curved part
-  // The buffer: random padding around the logits (it must come back unchanged), the logits rounded
-  // to dt once; the reference sees exactly those values.
-  at::Tensor buffer = (at::randn({offset + rows * ld}, gen, at::TensorOptions(at::kDouble)) * 7.0).to(dt);
-  at::Tensor logits = buffer.narrow(0, offset, rows * ld).view({rows, ld}).narrow(1, 0, vocab);
-  logits.copy_(random_logits(rows, vocab, sigma, gen).to(dt));
-  // Labels: random, about one row in four ignored (never row 0), one row labelled with its argmax.
-  at::Tensor labels = at::randint(vocab, {rows}, gen, at::TensorOptions(at::kLong));
-  at::Tensor drop = at::rand({rows}, gen, at::TensorOptions(at::kDouble)) < 0.25;
-  drop[0].fill_(false);
-  labels = at::where(drop, at::full_like(labels, o.ignore_index), labels);
-  if (rows > 1) labels[1].fill_(logits[1].to(at::kDouble).argmax().item<int64_t>());
-
-  const Reference ref = reference(logits, labels, o);
-  const Run run = run_kernel(buffer, offset, rows, vocab, ld, labels, o);
-  REQUIRE(run.status == cudaSuccess);
-
+// Every assertion of the reference test on one run: loss and lse, untouched padding, the gradient
+// (or untouched logits when none was asked for), exact zeros on ignored rows.
+void check_run(const Run& run, const Reference& ref, const at::Tensor& buffer, const at::Tensor& logits,
+               const at::Tensor& labels, const Options& o, at::ScalarType dt, int64_t offset, int64_t rows,
+               int64_t vocab, int64_t ld) {
+  const float grad_scale = o.grad_scale;
   // loss and lse
   const at::Tensor lse_tol = 1e-5 * (1.0 + at::abs(ref.lse));
   const at::Tensor loss_err = at::abs(run.loss.to(at::kDouble) - ref.loss);
@@ -252,6 +222,58 @@ TEST_CASE("cross_entropy_chunk matches an fp64 reference: loss, lse, gradient in
     const at::Tensor ignored = labels == o.ignore_index;
     if (ignored.any().item<bool>()) CHECK((g.masked_select(ignored.unsqueeze(1)) == 0).all().item<bool>());
   }
+}
+
+// cluster_ctas values every test runs: the launcher's choice, two-pass, one-read at 1, 3 and 8 CTAs.
+const std::vector<int> kKernelChoices = {0, -1, 1, 3, 8};
+
+#endif  // QLORA_WITH_CUDA (helpers)
+
+
+}  // namespace
+
+TEST_CASE("cross_entropy_chunk matches an fp64 reference: loss, lse, gradient in place", "[cuda][flce]") {
+  QLORA_REQUIRE_CUDA();
+#ifdef QLORA_WITH_CUDA
+  REQUIRE(&qlora::kernels::cross_entropy_chunk != nullptr);  // see the weak declaration above
+  const Case c = GENERATE(from_range(kCases));
+  const at::ScalarType dt = GENERATE(at::kFloat, at::kBFloat16, at::kHalf);
+  const OptionSet os = GENERATE(from_range(kOptionSets));
+  const bool strided = GENERATE(false, true);  // odd ld > vocab and a base one element off 16 bytes
+  const float grad_scale = GENERATE(0.37f, 0.0f);
+  const uint64_t seed = fresh_seed();
+  Options o = os.o;
+  o.grad_scale = grad_scale;
+  const int64_t rows = c.rows, vocab = c.vocab;
+  const int64_t ld = strided ? vocab + 3 + (vocab % 2 == 0 ? 0 : 2) : vocab;  // odd when strided
+  const int64_t offset = strided ? 1 : 0;
+  CAPTURE(rows, vocab, ld, offset, c10::toString(dt), os.name, grad_scale, seed);
+
+  at::Generator gen = at::detail::createCPUGenerator(seed);
+  const double sigma = o.softcap > 0 ? 25.0 : 3.0;  // softcap: reach into tanh's curved part
+  // The buffer: random padding around the logits (it must come back unchanged), the logits rounded
+  // to dt once; the reference sees exactly those values.
+  at::Tensor buffer = (at::randn({offset + rows * ld}, gen, at::TensorOptions(at::kDouble)) * 7.0).to(dt);
+  at::Tensor logits = buffer.narrow(0, offset, rows * ld).view({rows, ld}).narrow(1, 0, vocab);
+  logits.copy_(random_logits(rows, vocab, sigma, gen).to(dt));
+  // Labels: random, about one row in four ignored (never row 0), one row labelled with its argmax.
+  at::Tensor labels = at::randint(vocab, {rows}, gen, at::TensorOptions(at::kLong));
+  at::Tensor drop = at::rand({rows}, gen, at::TensorOptions(at::kDouble)) < 0.25;
+  drop[0].fill_(false);
+  labels = at::where(drop, at::full_like(labels, o.ignore_index), labels);
+  if (rows > 1) labels[1].fill_(logits[1].to(at::kDouble).argmax().item<int64_t>());
+
+  const Reference ref = reference(logits, labels, o);
+  // Every kernel the launcher has: its own choice, the two-pass kernel, and the one-read kernel with
+  // 1, 3 and 8 CTAs per row wherever this device and row can take them (sm_90+, slice in shared memory).
+  for (const int ctas : kKernelChoices) {
+    const int used = qlora::kernels::cross_entropy_resident_ctas(rows, vocab, float_type(dt), grad_scale != 0.0f, ctas);
+    CAPTURE(ctas, used);
+    if (used < 0) continue;  // a forced cluster size this device or row cannot take
+    const Run run = run_kernel(buffer, offset, rows, vocab, ld, labels, o, {}, ctas);
+    REQUIRE(run.status == cudaSuccess);
+    check_run(run, ref, buffer, logits, labels, o, dt, offset, rows, vocab, ld);
+  }
 #endif
 }
 
@@ -274,13 +296,17 @@ TEST_CASE("cross_entropy_chunk with every row ignored: zero loss, zero gradient,
   o.softcap = 10.0f;
   o.z_loss = 1e-3f;
   o.grad_scale = 2.0f;
-  const Run run = run_kernel(buffer, offset, rows, vocab, ld, labels, o);
-  REQUIRE(run.status == cudaSuccess);
-  CHECK((run.loss == 0).all().item<bool>());
-  CHECK((run.lse == 0).all().item<bool>());
-  const at::Tensor got = run.buffer.narrow(0, offset, rows * ld).view({rows, ld});
-  CHECK((got.narrow(1, 0, vocab) == 0).all().item<bool>());
-  CHECK(bit_diffs(got.narrow(1, vocab, 1), buffer.narrow(0, offset, rows * ld).view({rows, ld}).narrow(1, vocab, 1)) == 0);
+  for (const int ctas : kKernelChoices) {
+    CAPTURE(ctas);
+    if (qlora::kernels::cross_entropy_resident_ctas(rows, vocab, float_type(dt), true, ctas) < 0) continue;
+    const Run run = run_kernel(buffer, offset, rows, vocab, ld, labels, o, {}, ctas);
+    REQUIRE(run.status == cudaSuccess);
+    CHECK((run.loss == 0).all().item<bool>());
+    CHECK((run.lse == 0).all().item<bool>());
+    const at::Tensor got = run.buffer.narrow(0, offset, rows * ld).view({rows, ld});
+    CHECK((got.narrow(1, 0, vocab) == 0).all().item<bool>());
+    CHECK(bit_diffs(got.narrow(1, vocab, 1), buffer.narrow(0, offset, rows * ld).view({rows, ld}).narrow(1, vocab, 1)) == 0);
+  }
   o.grad_scale = 0.0f;  // loss only: nothing written
   const Run run0 = run_kernel(buffer, offset, rows, vocab, ld, labels, o);
   REQUIRE(run0.status == cudaSuccess);
@@ -353,15 +379,74 @@ TEST_CASE("cross_entropy_chunk with per-row gradient weights (grad_row_scale)", 
   w[5].fill_(0.0f);
   const at::Tensor logits = buffer.view({rows, vocab});
   const Reference ref = reference(logits, labels, o, w);
-  const Run run = run_kernel(buffer, 0, rows, vocab, ld, labels, o, w);
-  REQUIRE(run.status == cudaSuccess);
-  CHECK((at::abs(run.loss.to(at::kDouble) - ref.loss) <= 1e-5 * (1.0 + at::abs(ref.lse))).all().item<bool>());
-  const at::Tensor g = run.buffer.view({rows, vocab}).to(at::kDouble);
-  const at::Tensor err = at::abs(g - ref.grad);
-  const at::Tensor tol = (unit_roundoff(dt) + 1e-5) * at::abs(ref.grad) + 1e-6 * ref.scale.unsqueeze(1);
-  INFO("max gradient error " << err.max().item<double>());
-  CHECK((err <= tol).all().item<bool>());
-  CHECK((g[5] == 0).all().item<bool>());
-  CHECK((g[3] == 0).all().item<bool>());
+  for (const int ctas : kKernelChoices) {
+    CAPTURE(ctas);
+    if (qlora::kernels::cross_entropy_resident_ctas(rows, vocab, float_type(dt), true, ctas) < 0) continue;
+    const Run run = run_kernel(buffer, 0, rows, vocab, ld, labels, o, w, ctas);
+    REQUIRE(run.status == cudaSuccess);
+    CHECK((at::abs(run.loss.to(at::kDouble) - ref.loss) <= 1e-5 * (1.0 + at::abs(ref.lse))).all().item<bool>());
+    const at::Tensor g = run.buffer.view({rows, vocab}).to(at::kDouble);
+    const at::Tensor err = at::abs(g - ref.grad);
+    const at::Tensor tol = (unit_roundoff(dt) + 1e-5) * at::abs(ref.grad) + 1e-6 * ref.scale.unsqueeze(1);
+    INFO("max gradient error " << err.max().item<double>());
+    CHECK((err <= tol).all().item<bool>());
+    CHECK((g[5] == 0).all().item<bool>());
+    CHECK((g[3] == 0).all().item<bool>());
+  }
+#endif
+}
+
+TEST_CASE("cross_entropy_chunk picks the one-read kernel where it applies", "[cuda][flce]") {
+  QLORA_REQUIRE_CUDA();
+#ifdef QLORA_WITH_CUDA
+  REQUIRE(&qlora::kernels::cross_entropy_resident_ctas != nullptr);
+  using qlora::kernels::FloatType;
+  const auto ctas = [](int64_t rows, int64_t vocab, FloatType t, bool grad, int requested) {
+    return qlora::kernels::cross_entropy_resident_ctas(rows, vocab, t, grad, requested);
+  };
+  int dev = 0, major = 0;
+  REQUIRE(cudaGetDevice(&dev) == cudaSuccess);
+  REQUIRE(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess);
+  // Never without a gradient, never when asked for two-pass.
+  CHECK(ctas(8192, 128256, FloatType::bf16, false, 0) == 0);
+  CHECK(ctas(8192, 128256, FloatType::bf16, false, 4) == 0);
+  CHECK(ctas(8192, 128256, FloatType::bf16, true, -1) == 0);
+  if (major < 9) {  // no clusters: always two-pass; a forced size cannot run
+    CHECK(ctas(8192, 128256, FloatType::bf16, true, 0) == 0);
+    CHECK(ctas(8192, 128256, FloatType::bf16, true, 4) == -1);
+    return;
+  }
+  // Slices of at most 64 KiB: Llama-3's bf16 rows over 4 CTAs, Gemma-2's over 8, fp32 Llama-3 over 8.
+  CHECK(ctas(8192, 128256, FloatType::bf16, true, 0) == 4);
+  CHECK(ctas(8192, 256000, FloatType::bf16, true, 0) == 8);
+  CHECK(ctas(8192, 128256, FloatType::f32, true, 0) == 8);
+  CHECK(ctas(16, 32000, FloatType::bf16, true, 0) == 1);
+  CHECK(ctas(16, 7, FloatType::f16, true, 0) == 1);
+  // Rows too long for 8 CTAs of 64 KiB: two-pass (fp32 x 256000 = 1 MB).
+  CHECK(ctas(16, 256000, FloatType::f32, true, 0) == 0);
+  // Forced: whatever fits the device's shared memory; 1 CTA cannot hold a 256 KB row.
+  CHECK(ctas(16, 128256, FloatType::bf16, true, 2) == 2);
+  CHECK(ctas(16, 128256, FloatType::bf16, true, 1) == -1);
+  // rows x CTAs must stay a valid grid.
+  CHECK(ctas(int64_t{1} << 30, 128256, FloatType::bf16, true, 0) == 0);
+  // A forced size that cannot run is refused, not silently replaced.
+  at::Tensor x = at::zeros({2, 128256}, at::TensorOptions(at::kBFloat16).device(at::kCUDA));
+  at::Tensor labels = at::zeros({2}, at::TensorOptions(at::kLong).device(at::kCUDA));
+  at::Tensor loss = at::zeros({2}, at::TensorOptions(at::kFloat).device(at::kCUDA));
+  qlora::kernels::CrossEntropyChunkArgs a;
+  a.logits = x.data_ptr();
+  a.rows = 2;
+  a.vocab = a.ld = 128256;
+  a.labels = labels.data_ptr<int64_t>();
+  a.loss = loss.data_ptr<float>();
+  a.grad_scale = 1.0f;
+  a.cluster_ctas = 1;
+  const cudaStream_t s = c10::cuda::getCurrentCUDAStream().stream();
+  CHECK(qlora::kernels::cross_entropy_chunk(a, s) == cudaErrorNotSupported);
+  a.cluster_ctas = 9;
+  CHECK(qlora::kernels::cross_entropy_chunk(a, s) == cudaErrorInvalidValue);
+  a.cluster_ctas = 0;
+  CHECK(qlora::kernels::cross_entropy_chunk(a, s) == cudaSuccess);
+  CHECK(cudaStreamSynchronize(s) == cudaSuccess);
 #endif
 }

@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "cli/bench_util.h"
 #include "cli/commands.h"
 #include "qlora/error.h"
 #include "qlora/flce.h"
@@ -55,12 +56,6 @@ const std::vector<Case> kCases = {{4096, 4096, 128256, "Llama-3 head, 4k tokens"
                                   {8192, 2304, 256000, "Gemma-2-2B head (CCE paper)"}};
 // 0 = the automatic choice (flce_chunk_rows); the others are fixed row counts to compare with it.
 const std::vector<int64_t> kChunks = {0, 2048, 4096, 8192, 16384};
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 double gb(int64_t bytes) { return static_cast<double>(bytes) / 1e9; }
 
@@ -154,11 +149,11 @@ int run_bench_flce(const FlceBenchOptions& o, int iters_given, const std::string
   std::printf("qlora bench flce on %s (sm_%d%d, %d SMs), bf16, iters %d (median; 2 warm-up)\n", prop.name, prop.major,
               prop.minor, prop.multiProcessorCount, iters);
   std::printf("ours = fused_linear_cross_entropy fwd + backward (chunk 0 = automatic, its rows in brackets); "
-              "gemm = one N x H x V bf16 X W^T; unfused = X W^T -> float -> cross_entropy -> backward; "
+              "gemm = one N x H x V bf16 X W^T (x gemm: timed at the case's start; x near: timed again right before the row); unfused = X W^T -> float -> cross_entropy -> backward; "
               "extra peak = allocator peak during fwd+bwd minus allocated before (GB = 1e9 B); "
               "loss rel = |ours - unfused| / |unfused|\n\n");
-  std::printf("%-20s %-9s %-12s | %9s %7s %9s | %10s %7s %9s | %9s\n", "case NxHxV", "W", "chunk", "ours ms", "x gemm",
-              "peak GB", "unfused ms", "x gemm", "peak GB", "loss rel");
+  std::printf("%-20s %-9s %-12s | %9s %7s %7s %9s | %10s %7s %9s | %9s\n", "case NxHxV", "W", "chunk", "ours ms",
+              "x gemm", "x near", "peak GB", "unfused ms", "x gemm", "peak GB", "loss rel");
   std::fflush(stdout);
 
   const auto bf16 = at::TensorOptions(at::kBFloat16).device(at::kCUDA);
@@ -177,15 +172,18 @@ int run_bench_flce(const FlceBenchOptions& o, int iters_given, const std::string
       labels.masked_fill_(at::rand({c.N}, at::TensorOptions(at::kFloat).device(at::kCUDA)) < 0.1, -100);
       const int64_t ignored = labels.eq(-100).sum().item<int64_t>();
 
-      // The yardstick: the forward GEMM alone, in the dtype and layout the loss uses.
-      Measured gemm;
-      {
+      // The yardstick: the forward GEMM alone, in the dtype and layout the loss uses. Timed at the
+      // start of the case and again right before every row ("near"): the GPU's clock under a long
+      // stretch of GEMMs is not the clock of the first few, and a ratio is only as good as the two
+      // times it divides (issue 5's notes: identical runs 16 % apart).
+      const auto time_gemm = [&] {
         at::NoGradGuard no_grad;
-        gemm = measure(iters, [] {}, [&] {
+        return measure(iters, [] {}, [&] {
           (void)at::matmul(X, W.t());
           return at::Tensor();
         });
-      }
+      };
+      const Measured gemm = time_gemm();
       const double gemm_tflops = 2.0 * static_cast<double>(c.N) * c.H * c.V / (gemm.ms * 1e-3) / 1e12;
       const std::string cname = std::to_string(c.N) + "x" + std::to_string(c.H) + "x" + std::to_string(c.V);
       std::printf("%-20s gemm %.3f ms (%.0f TFLOP/s), extra peak %.2f GB; %lld of %lld labels ignored (%s)\n",
@@ -224,6 +222,7 @@ int run_bench_flce(const FlceBenchOptions& o, int iters_given, const std::string
         for (const int64_t chunk : kChunks) {
           FlceOptions fo;
           fo.chunk_size = chunk;
+          const Measured gemm_near = time_gemm();
           const Measured ours = measure_or_oom(iters, drop_grads, [&] {
             at::Tensor loss = fused_linear_cross_entropy(Xg, Wg, labels, fo);
             loss.backward();
@@ -238,9 +237,10 @@ int run_bench_flce(const FlceBenchOptions& o, int iters_given, const std::string
 
           char ours_s[64], unf_s[64], rel_s[24];
           if (ours.oom)
-            std::snprintf(ours_s, sizeof ours_s, "%9s %7s %9s", "OOM", "-", "-");
+            std::snprintf(ours_s, sizeof ours_s, "%9s %7s %7s %9s", "OOM", "-", "-", "-");
           else
-            std::snprintf(ours_s, sizeof ours_s, "%9.3f %6.2fx %9.3f", ours.ms, ours.ms / gemm.ms, gb(ours.extra_peak));
+            std::snprintf(ours_s, sizeof ours_s, "%9.3f %6.2fx %6.2fx %9.3f", ours.ms, ours.ms / gemm.ms,
+                          ours.ms / gemm_near.ms, gb(ours.extra_peak));
           if (unfused.oom)
             std::snprintf(unf_s, sizeof unf_s, "%10s %7s %9s", "OOM", "-", "-");
           else
@@ -254,6 +254,8 @@ int run_bench_flce(const FlceBenchOptions& o, int iters_given, const std::string
           std::fflush(stdout);
 
           json jc = measured_json(ours, gemm.ms);
+          jc["gemm_near_ms"] = gemm_near.ms;
+          if (!ours.oom) jc["ratio_to_gemm_near"] = ours.ms / gemm_near.ms;
           jc["chunk_size"] = chunk;
           jc["chunk_rows"] = rows;
           if (!std::isnan(rel)) jc["loss_rel_diff_vs_unfused"] = rel;
@@ -284,7 +286,7 @@ int run_bench_flce(const FlceBenchOptions& o, int iters_given, const std::string
               {"method", "per sample: grads dropped, sync, peak stats reset, CUDA events around forward + "
                          "loss.backward(); median of iters samples after 2 warm-up; extra_peak = max over samples of "
                          "(allocator peak - allocated before); ratio_to_gemm = median / median of one bf16 X W^T "
-                         "(no grad); chunk_size 0 = automatic (chunk_rows as flce_chunk_rows gave after the run)"},
+                         "(no grad) timed at the case's start, ratio_to_gemm_near = median / median of the same GEMM timed right before the row; chunk_size 0 = automatic (chunk_rows as flce_chunk_rows gave after the run)"},
               {"cases", jcases}};
     std::ofstream f(json_path);
     if (!f) throw UserError("qlora bench flce: cannot write --json file " + json_path);

@@ -1,6 +1,7 @@
 // qlora bench OP: time a kernel next to the plain-libtorch way of doing the same thing, in the
 // same process, on the current CUDA device. Ops: nf4 (the single-pass NF4 dequant); model (the
 // decoder end to end: src/cli/bench_model.cpp); train (QLoRA training steps: bench_train.cpp); flce (fused linear cross-entropy: bench_flce.cpp);
+// ce (the in-place cross-entropy chunk kernels: bench_ce.cpp);
 // tokenizer (encode throughput on the CPU: bench_tokenizer.cpp).
 //
 // Method (why): every figure is a median over --iters samples; each sample is one pass over
@@ -19,6 +20,7 @@
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
+#include "cli/bench_util.h"
 #include "cli/commands.h"
 #include "qlora/error.h"
 #include "qlora/nf4.h"
@@ -48,43 +50,6 @@ struct Shape {
 };
 constexpr int kLayouts = qlora::kernels::kDequantizeVariants;  // NF4DequantizeArgs::variant
 const std::vector<Shape> kNF4Shapes = {{4096, 4096}, {1024, 4096}, {14336, 4096}, {4096, 14336}, {28672, 8192}};
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-// Median milliseconds per launch of fn(set), sets in rotation; 3 warm-up passes first. A sample
-// is at least 8 back-to-back launches (the rotation repeated), so that the event pair's own cost
-// is spread as it is in a training step, where launches follow each other in one stream.
-template <typename F>
-double time_ms(F&& fn, int nsets, int iters) {
-  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
-  for (int w = 0; w < 3; ++w)
-    for (int s = 0; s < nsets; ++s) fn(s);
-  const int launches = nsets * ((8 + nsets - 1) / nsets);
-  c10::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
-  std::vector<double> samples;
-  samples.reserve(iters);
-  for (int it = 0; it < iters; ++it) {
-    start.record(stream);
-    for (int l = 0; l < launches; ++l) fn(l % nsets);
-    stop.record(stream);
-    stop.synchronize();
-    samples.push_back(static_cast<double>(start.elapsed_time(stop)) / launches);
-  }
-  return median(std::move(samples));
-}
-
-// Device-to-device copy bandwidth in GB/s (1e9 bytes), bytes read + written.
-double measure_copy_gbps(int iters) {
-  const int64_t n = int64_t{1} << 30;  // bf16 elements: 2 GiB
-  const auto opt = at::TensorOptions(at::kBFloat16).device(at::kCUDA);
-  at::Tensor src = at::empty({n}, opt).fill_(1.0), dst = at::empty({n}, opt);
-  const double ms = time_ms([&](int) { dst.copy_(src); }, 1, std::max(5, iters / 5));
-  return 2.0 * static_cast<double>(n) * 2.0 / (ms * 1e-3) / 1e9;
-}
 
 // The same dequant in plain libtorch ops: nibbles -> int64 indices -> LUT gather (fp32), the
 // nested absmax rebuilt by a code2 gather times the repeated absmax2 plus offset (each an fp32
@@ -287,18 +252,18 @@ CommandFn add_bench_command(CLI::App& app) {
                                           "training: qlora bench train --shape llama-3.2-1b|llama-3-8b|... [--seq 2048] "
                                           "[--batch 1] [--rank 16] [--steps 10] [--warmup 3] [--json FILE]; "
                                           "fused linear cross-entropy: qlora bench flce [--iters 5] [--cases all|small] "
-                                          "[--json FILE]; tokenizer encode throughput: qlora bench tokenizer [--tokenizer PATH] "
+                                          "[--json FILE]; its cross-entropy kernels: qlora bench ce [--iters 20] [--json FILE]; tokenizer encode throughput: qlora bench tokenizer [--tokenizer PATH] "
                                           "[--threads N] [--text FILE] [--iters 3] [--json FILE]");
   sub->add_option("op", st->op, "what to measure: nf4 (NF4 dequantize), model (load + forward, bench_model.cpp), "
                                  "train (QLoRA training steps on a random model of a named shape, bench_train.cpp), "
-                                 "flce (fused linear cross-entropy, bench_flce.cpp), tokenizer (encode MB/s, "
+                                 "flce (fused linear cross-entropy, bench_flce.cpp), ce (its in-place cross-entropy kernels, bench_ce.cpp), tokenizer (encode MB/s, "
                                  "bench_tokenizer.cpp)")
       ->required()
-      ->check(CLI::IsMember({"nf4", "model", "train", "flce", "tokenizer"}));
+      ->check(CLI::IsMember({"nf4", "model", "train", "flce", "ce", "tokenizer"}));
   sub->add_option("--dtype", st->dtype, "output dtype(s); model: the compute dtype (all = bf16)")
       ->check(CLI::IsMember({"bf16", "fp16", "fp32", "all"}))
       ->capture_default_str();
-  auto* iters = sub->add_option("--iters", st->iters, "timed samples per measurement (median); model, flce: default 5");
+  auto* iters = sub->add_option("--iters", st->iters, "timed samples per measurement (median); model, flce: default 5; ce: 20");
   iters->capture_default_str();
   sub->add_option("--json", st->json_path, "also write the results to this JSON file");
   auto run = std::make_shared<BenchRunOptions>();
@@ -310,6 +275,7 @@ CommandFn add_bench_command(CLI::App& app) {
     if (st->op == "model") return bench_model(st->dtype, iters->count() > 0 ? st->iters : 0, st->json_path);
     if (st->op == "train") return bench_train(st->dtype, st->json_path);
     if (st->op == "flce") return bench_flce(iters->count() > 0 ? st->iters : 0, st->json_path);
+    if (st->op == "ce") return bench_ce(iters->count() > 0 ? st->iters : 0, st->json_path);
     if (st->op == "tokenizer") return bench_tokenizer(iters->count() > 0 ? st->iters : 0, st->json_path);
     if (st->dtype == "fp32") throw UserError("qlora bench nf4: --dtype must be bf16, fp16 or all (fp32 is for bench model)");
     return bench_nf4(*st);

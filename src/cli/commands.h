@@ -56,6 +56,9 @@ BenchTrainFn add_bench_train_options(CLI::App& bench, std::shared_ptr<const Benc
 using BenchFlceFn = std::function<int(int iters, const std::string& json_path)>;
 BenchFlceFn add_bench_flce_options(CLI::App& bench);
 
+// qlora bench ce (bench_ce.cpp): the in-place cross-entropy chunk kernels; iters 0 = default.
+int bench_ce(int iters, const std::string& json_path);
+
 // qlora bench tokenizer (bench_tokenizer.cpp): adds --tokenizer, --text, --threads; the returned
 // function runs it with bench's --iters (0 when not given) and --json values.
 using BenchTokenizerFn = std::function<int(int iters, const std::string& json_path)>;
