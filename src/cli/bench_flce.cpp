@@ -1,5 +1,7 @@
 // qlora bench flce: the fused linear + cross-entropy (flce.h) forward + backward against one N x H x V
 // GEMM and against the unfused libtorch loss, side by side in one process on the current CUDA device.
+// Ratios are given two ways: to the GEMM timed at the start of the case, and paired (the median of
+// each sample over the same GEMM timed right before it; measure() says why).
 //
 // Method (why): each figure is the median over --iters samples (after 2 warm-up calls), each sample
 // one forward + loss.backward() bracketed by CUDA events on the current stream. Gradients of X (and W
@@ -74,16 +76,34 @@ struct Measured {
   int64_t extra_peak = 0;    // max over samples, bytes
   double loss = NAN;         // loss of the last sample (NaN when fn returns no loss)
   bool oom = false;
+  // With a yardstick: its time right before each sample, and the median of the per-sample ratios.
+  std::vector<double> yard_samples;
+  double paired_ratio = NAN;
 };
 
+double elapsed_ms(const at::cuda::CUDAEvent& a, const at::cuda::CUDAEvent& b) {
+  return static_cast<double>(a.elapsed_time(b));
+}
+
 // fn() runs one sample and returns the loss (or an undefined tensor); before() runs outside the
-// timed region (dropping gradients). Warm-up 2, then iters samples.
-Measured measure(int iters, const std::function<void()>& before, const std::function<at::Tensor()>& fn) {
+// timed region (dropping gradients). Warm-up 2, then iters samples. yardstick (optional) is timed
+// on its own right before every sample, so that each sample has a yardstick time taken in the same
+// state of the GPU's clocks (a long run of GEMMs draws the clock down: the same GEMM measured 23.1
+// to 26.3 ms on one H100 in one run), and the ratio is the median of the per-sample ratios.
+Measured measure(int iters, const std::function<void()>& before, const std::function<at::Tensor()>& fn,
+                 const std::function<void()>& yardstick = {}) {
   Measured m;
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
-  at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
+  at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault), ystart(cudaEventDefault), ystop(cudaEventDefault);
+  std::vector<double> ratios;
   for (int i = 0; i < 2 + iters; ++i) {
     before();
+    if (yardstick) {
+      c10::cuda::device_synchronize();
+      ystart.record(stream);
+      yardstick();
+      ystop.record(stream);
+    }
     c10::cuda::device_synchronize();
     c10::cuda::CUDACachingAllocator::resetPeakStats(c10::cuda::current_device());
     const int64_t base = allocated_now();
@@ -92,11 +112,16 @@ Measured measure(int iters, const std::function<void()>& before, const std::func
     stop.record(stream);
     stop.synchronize();
     if (i < 2) continue;
-    m.samples.push_back(static_cast<double>(start.elapsed_time(stop)));
+    m.samples.push_back(elapsed_ms(start, stop));
+    if (yardstick) {
+      m.yard_samples.push_back(elapsed_ms(ystart, ystop));
+      ratios.push_back(m.samples.back() / m.yard_samples.back());
+    }
     m.extra_peak = std::max(m.extra_peak, allocated_peak() - base);
     if (loss.defined()) m.loss = loss.item<double>();
   }
   m.ms = median(m.samples);
+  if (!ratios.empty()) m.paired_ratio = median(ratios);
   return m;
 }
 
@@ -106,9 +131,10 @@ void clear_grad(at::Tensor& t) {
 
 // Runs measure(), turning an out-of-memory into a row marked OOM and giving the cache back so the
 // next measurement starts clean.
-Measured measure_or_oom(int iters, const std::function<void()>& before, const std::function<at::Tensor()>& fn) {
+Measured measure_or_oom(int iters, const std::function<void()>& before, const std::function<at::Tensor()>& fn,
+                        const std::function<void()>& yardstick = {}) {
   try {
-    return measure(iters, before, fn);
+    return measure(iters, before, fn, yardstick);
   } catch (const c10::OutOfMemoryError&) {
   } catch (const c10::Error& e) {
     // An OOM rethrown through the autograd engine or a cuBLAS workspace failure may arrive as a
@@ -149,11 +175,11 @@ int run_bench_flce(const FlceBenchOptions& o, int iters_given, const std::string
   std::printf("qlora bench flce on %s (sm_%d%d, %d SMs), bf16, iters %d (median; 2 warm-up)\n", prop.name, prop.major,
               prop.minor, prop.multiProcessorCount, iters);
   std::printf("ours = fused_linear_cross_entropy fwd + backward (chunk 0 = automatic, its rows in brackets); "
-              "gemm = one N x H x V bf16 X W^T (x gemm: timed at the case's start; x near: timed again right before the row); unfused = X W^T -> float -> cross_entropy -> backward; "
+              "gemm = one N x H x V bf16 X W^T (x gemm: timed at the case's start; x pair: median of ours / the GEMM timed right before each sample); unfused = X W^T -> float -> cross_entropy -> backward; "
               "extra peak = allocator peak during fwd+bwd minus allocated before (GB = 1e9 B); "
               "loss rel = |ours - unfused| / |unfused|\n\n");
   std::printf("%-20s %-9s %-12s | %9s %7s %7s %9s | %10s %7s %9s | %9s\n", "case NxHxV", "W", "chunk", "ours ms",
-              "x gemm", "x near", "peak GB", "unfused ms", "x gemm", "peak GB", "loss rel");
+              "x gemm", "x pair", "peak GB", "unfused ms", "x gemm", "peak GB", "loss rel");
   std::fflush(stdout);
 
   const auto bf16 = at::TensorOptions(at::kBFloat16).device(at::kCUDA);
@@ -173,17 +199,16 @@ int run_bench_flce(const FlceBenchOptions& o, int iters_given, const std::string
       const int64_t ignored = labels.eq(-100).sum().item<int64_t>();
 
       // The yardstick: the forward GEMM alone, in the dtype and layout the loss uses. Timed at the
-      // start of the case and again right before every row ("near"): the GPU's clock under a long
-      // stretch of GEMMs is not the clock of the first few, and a ratio is only as good as the two
-      // times it divides (issue 5's notes: identical runs 16 % apart).
-      const auto time_gemm = [&] {
+      // start of the case and again right before every sample of every row ("paired", see
+      // measure()): a ratio is only as good as the two times it divides.
+      const std::function<void()> gemm_once = [&] {
         at::NoGradGuard no_grad;
-        return measure(iters, [] {}, [&] {
-          (void)at::matmul(X, W.t());
-          return at::Tensor();
-        });
+        (void)at::matmul(X, W.t());
       };
-      const Measured gemm = time_gemm();
+      const Measured gemm = measure(iters, [] {}, [&] {
+        gemm_once();
+        return at::Tensor();
+      });
       const double gemm_tflops = 2.0 * static_cast<double>(c.N) * c.H * c.V / (gemm.ms * 1e-3) / 1e12;
       const std::string cname = std::to_string(c.N) + "x" + std::to_string(c.H) + "x" + std::to_string(c.V);
       std::printf("%-20s gemm %.3f ms (%.0f TFLOP/s), extra peak %.2f GB; %lld of %lld labels ignored (%s)\n",
@@ -222,12 +247,14 @@ int run_bench_flce(const FlceBenchOptions& o, int iters_given, const std::string
         for (const int64_t chunk : kChunks) {
           FlceOptions fo;
           fo.chunk_size = chunk;
-          const Measured gemm_near = time_gemm();
-          const Measured ours = measure_or_oom(iters, drop_grads, [&] {
-            at::Tensor loss = fused_linear_cross_entropy(Xg, Wg, labels, fo);
-            loss.backward();
-            return loss.detach();
-          });
+          const Measured ours = measure_or_oom(
+              iters, drop_grads,
+              [&] {
+                at::Tensor loss = fused_linear_cross_entropy(Xg, Wg, labels, fo);
+                loss.backward();
+                return loss.detach();
+              },
+              gemm_once);
           drop_grads();
           c10::cuda::CUDACachingAllocator::emptyCache();
           // What the automatic choice gives now (free memory after the cache was emptied, as in the run).
@@ -240,7 +267,7 @@ int run_bench_flce(const FlceBenchOptions& o, int iters_given, const std::string
             std::snprintf(ours_s, sizeof ours_s, "%9s %7s %7s %9s", "OOM", "-", "-", "-");
           else
             std::snprintf(ours_s, sizeof ours_s, "%9.3f %6.2fx %6.2fx %9.3f", ours.ms, ours.ms / gemm.ms,
-                          ours.ms / gemm_near.ms, gb(ours.extra_peak));
+                          ours.paired_ratio, gb(ours.extra_peak));
           if (unfused.oom)
             std::snprintf(unf_s, sizeof unf_s, "%10s %7s %9s", "OOM", "-", "-");
           else
@@ -254,8 +281,10 @@ int run_bench_flce(const FlceBenchOptions& o, int iters_given, const std::string
           std::fflush(stdout);
 
           json jc = measured_json(ours, gemm.ms);
-          jc["gemm_near_ms"] = gemm_near.ms;
-          if (!ours.oom) jc["ratio_to_gemm_near"] = ours.ms / gemm_near.ms;
+          if (!ours.oom) {
+            jc["gemm_paired_samples_ms"] = ours.yard_samples;
+            jc["ratio_to_gemm_paired"] = ours.paired_ratio;
+          }
           jc["chunk_size"] = chunk;
           jc["chunk_rows"] = rows;
           if (!std::isnan(rel)) jc["loss_rel_diff_vs_unfused"] = rel;
@@ -286,7 +315,7 @@ int run_bench_flce(const FlceBenchOptions& o, int iters_given, const std::string
               {"method", "per sample: grads dropped, sync, peak stats reset, CUDA events around forward + "
                          "loss.backward(); median of iters samples after 2 warm-up; extra_peak = max over samples of "
                          "(allocator peak - allocated before); ratio_to_gemm = median / median of one bf16 X W^T "
-                         "(no grad) timed at the case's start, ratio_to_gemm_near = median / median of the same GEMM timed right before the row; chunk_size 0 = automatic (chunk_rows as flce_chunk_rows gave after the run)"},
+                         "(no grad) timed at the case's start; ratio_to_gemm_paired = median over samples of (sample / the same GEMM timed right before that sample); chunk_size 0 = automatic (chunk_rows as flce_chunk_rows gave after the run)"},
               {"cases", jcases}};
     std::ofstream f(json_path);
     if (!f) throw UserError("qlora bench flce: cannot write --json file " + json_path);
