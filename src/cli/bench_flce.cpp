@@ -85,11 +85,14 @@ double elapsed_ms(const at::cuda::CUDAEvent& a, const at::cuda::CUDAEvent& b) {
   return static_cast<double>(a.elapsed_time(b));
 }
 
+// The paired yardstick runs this many GEMMs back to back; its time per GEMM is the run / this.
+constexpr int kPairGemms = 3;
+
 // fn() runs one sample and returns the loss (or an undefined tensor); before() runs outside the
-// timed region (dropping gradients). Warm-up 2, then iters samples. yardstick (optional) is timed
-// on its own right before every sample, so that each sample has a yardstick time taken in the same
-// state of the GPU's clocks (a long run of GEMMs draws the clock down: the same GEMM measured 23.1
-// to 26.3 ms on one H100 in one run), and the ratio is the median of the per-sample ratios.
+// timed region (dropping gradients). Warm-up 2, then iters samples. yardstick (optional: a run of
+// kPairGemms GEMMs) is timed on its own right before every sample, so that each sample has a
+// yardstick taken in the same state of the GPU's clocks (on one H100 the same lone GEMM measured
+// 23.1 to 26.3 ms within one run), and the ratio is the median of the per-sample ratios.
 Measured measure(int iters, const std::function<void()>& before, const std::function<at::Tensor()>& fn,
                  const std::function<void()>& yardstick = {}) {
   Measured m;
@@ -114,7 +117,7 @@ Measured measure(int iters, const std::function<void()>& before, const std::func
     if (i < 2) continue;
     m.samples.push_back(elapsed_ms(start, stop));
     if (yardstick) {
-      m.yard_samples.push_back(elapsed_ms(ystart, ystop));
+      m.yard_samples.push_back(elapsed_ms(ystart, ystop) / kPairGemms);
       ratios.push_back(m.samples.back() / m.yard_samples.back());
     }
     m.extra_peak = std::max(m.extra_peak, allocated_peak() - base);
@@ -175,7 +178,7 @@ int run_bench_flce(const FlceBenchOptions& o, int iters_given, const std::string
   std::printf("qlora bench flce on %s (sm_%d%d, %d SMs), bf16, iters %d (median; 2 warm-up)\n", prop.name, prop.major,
               prop.minor, prop.multiProcessorCount, iters);
   std::printf("ours = fused_linear_cross_entropy fwd + backward (chunk 0 = automatic, its rows in brackets); "
-              "gemm = one N x H x V bf16 X W^T (x gemm: timed at the case's start; x pair: median of ours / the GEMM timed right before each sample); unfused = X W^T -> float -> cross_entropy -> backward; "
+              "gemm = one N x H x V bf16 X W^T (x gemm: one GEMM timed at the case's start; x pair: median over samples of ours / (3 back-to-back GEMMs timed right before it, / 3)); unfused = X W^T -> float -> cross_entropy -> backward; "
               "extra peak = allocator peak during fwd+bwd minus allocated before (GB = 1e9 B); "
               "loss rel = |ours - unfused| / |unfused|\n\n");
   std::printf("%-20s %-9s %-12s | %9s %7s %7s %9s | %10s %7s %9s | %9s\n", "case NxHxV", "W", "chunk", "ours ms",
@@ -201,12 +204,15 @@ int run_bench_flce(const FlceBenchOptions& o, int iters_given, const std::string
       // The yardstick: the forward GEMM alone, in the dtype and layout the loss uses. Timed at the
       // start of the case and again right before every sample of every row ("paired", see
       // measure()): a ratio is only as good as the two times it divides.
-      const std::function<void()> gemm_once = [&] {
+      // Paired yardstick: three back-to-back GEMMs, a load as long as a fused step (~3 GEMMs), so the
+      // clock it runs at is the clock the step runs at; measure() divides by kPairGemms.
+      const std::function<void()> gemm_run = [&] {
         at::NoGradGuard no_grad;
-        (void)at::matmul(X, W.t());
+        for (int k = 0; k < kPairGemms; ++k) (void)at::matmul(X, W.t());
       };
       const Measured gemm = measure(iters, [] {}, [&] {
-        gemm_once();
+        at::NoGradGuard no_grad;
+        (void)at::matmul(X, W.t());
         return at::Tensor();
       });
       const double gemm_tflops = 2.0 * static_cast<double>(c.N) * c.H * c.V / (gemm.ms * 1e-3) / 1e12;
@@ -254,7 +260,7 @@ int run_bench_flce(const FlceBenchOptions& o, int iters_given, const std::string
                 loss.backward();
                 return loss.detach();
               },
-              gemm_once);
+              gemm_run);
           drop_grads();
           c10::cuda::CUDACachingAllocator::emptyCache();
           // What the automatic choice gives now (free memory after the cache was emptied, as in the run).
@@ -315,7 +321,7 @@ int run_bench_flce(const FlceBenchOptions& o, int iters_given, const std::string
               {"method", "per sample: grads dropped, sync, peak stats reset, CUDA events around forward + "
                          "loss.backward(); median of iters samples after 2 warm-up; extra_peak = max over samples of "
                          "(allocator peak - allocated before); ratio_to_gemm = median / median of one bf16 X W^T "
-                         "(no grad) timed at the case's start; ratio_to_gemm_paired = median over samples of (sample / the same GEMM timed right before that sample); chunk_size 0 = automatic (chunk_rows as flce_chunk_rows gave after the run)"},
+                         "(no grad) timed at the case's start; ratio_to_gemm_paired = median over samples of (sample / (three back-to-back GEMMs timed right before that sample, / 3)); gemm_paired_samples_ms are per GEMM; chunk_size 0 = automatic (chunk_rows as flce_chunk_rows gave after the run)"},
               {"cases", jcases}};
     std::ofstream f(json_path);
     if (!f) throw UserError("qlora bench flce: cannot write --json file " + json_path);

@@ -79,9 +79,14 @@ def load_impls(lib):
     return impls, notes
 
 
+# The paired yardstick: this many GEMMs back to back (a load as long as a fused step), per GEMM.
+PAIR_GEMMS = 3
+
+
 def measure(fn, x, w, y, iters, trainable, want_grad=True, yard=None):
-    """Median ms, max extra peak, loss, dX, and (with `yard`, a no-grad callable timed on its own right
-    before every sample, in the same state of the GPU's clocks) the median of per-sample ratios."""
+    """Median ms, max extra peak, loss, dX, and (with `yard`, one GEMM run PAIR_GEMMS times back to back
+    right before every sample, in the same state of the GPU's clocks) the median of the per-sample
+    ratios to its time per GEMM."""
     times, peaks, ratios = [], [], []
     loss = dx = None
     for i in range(iters + 2):
@@ -93,10 +98,11 @@ def measure(fn, x, w, y, iters, trainable, want_grad=True, yard=None):
             ys, ye = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             ys.record()
             with torch.no_grad():
-                yard()
+                for _ in range(PAIR_GEMMS):
+                    yard()
             ye.record()
             torch.cuda.synchronize()
-            yard_ms = ys.elapsed_time(ye)
+            yard_ms = ys.elapsed_time(ye) / PAIR_GEMMS
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
