@@ -45,8 +45,8 @@ const std::vector<CeCase> kCeCases = {{8192, 128256, at::kBFloat16, "Llama-3 hea
                                       {837, 128256, at::kBFloat16, "Llama-3 head, frozen-W chunk"},
                                       {4194, 256000, at::kBFloat16, "Gemma-2 head, trainable-W chunk"},
                                       {2048, 128256, at::kFloat, "Llama-3 head, fp32 logits"}};
-// cluster_ctas values timed: the launcher's choice, two-pass, and the one-read kernel at each size.
-const std::vector<int> kCeKernels = {0, -1, 1, 2, 3, 4, 5, 6, 7, 8};
+// Forced cluster sizes of the one-read kernel timed beside the launcher's choice and two-pass.
+const std::vector<int> kCeClusterSizes = {1, 2, 3, 4, 5, 6, 7, 8};
 
 kernels::FloatType float_type(at::ScalarType t) {
   return t == at::kFloat ? kernels::FloatType::f32 : t == at::kHalf ? kernels::FloatType::f16 : kernels::FloatType::bf16;
@@ -133,8 +133,8 @@ int run_bench_ce(int iters_given, const std::string& json_path) {
         row("auto (" + std::to_string(chosen) + " CTAs)", ms, chosen > 0 ? 2.0 : 3.0);
       }
     }
-    for (const int k : kCeKernels) {
-      if (k <= 0 || kernels::cross_entropy_resident_ctas(c.rows, c.vocab, float_type(c.dtype), true, k) < 0) continue;
+    for (const int k : kCeClusterSizes) {
+      if (kernels::cross_entropy_resident_ctas(c.rows, c.vocab, float_type(c.dtype), true, k) < 0) continue;
       const kernels::CrossEntropyChunkArgs a = ce_args(logits, labels, loss, 1.0f, k);
       row("one-read " + std::to_string(k), time_ms([&](int) { launch(a); }, 1, iters), 2.0);
     }
