@@ -111,7 +111,7 @@ FlopsPerToken flops_per_token(const LlamaWeights& model, const LoraModel& lora, 
 // The kind of a CUDA kernel, from its name (cuBLAS on Hopper names its kernels nvjet_*, older
 // ones *gemm*; SDPA's kernels are flash / fmha / efficient attention; AdamW and clipping run
 // _foreach ops, whose kernels are multi_tensor_apply_kernel).
-std::string kernel_kind(const std::string& name) {
+[[maybe_unused]] std::string kernel_kind(const std::string& name) {  // used by the CUDA build only
   std::string n = name;
   std::transform(n.begin(), n.end(), n.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
   auto has = [&](const char* s) { return n.find(s) != std::string::npos; };
@@ -175,7 +175,7 @@ Measurement measure(const TrainConfig& base_config, const LlamaWeights& model, i
   TrainConfig config = base_config;
   config.sequence_len = static_cast<int>(seq);
   config.max_steps = warmup + steps + (profile ? 1 : 0);
-  const at::Device device = model.device;
+  [[maybe_unused]] const at::Device device = model.device;  // read by the CUDA build only
   // Random token rows of exactly seq tokens, every position a target (no padding, no packing).
   PreparedData data;
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed + 1);
