@@ -113,3 +113,18 @@ TEST_CASE("log lines carry the rank", "[cli]") {
   pclose(p);
   CHECK_THAT(std::string(buf, n), ContainsSubstring("[r3] error: "));
 }
+
+TEST_CASE("qlora bench ce / flce: bad input or no GPU exits 2 with one line", "[cli]") {
+  // Without a CUDA device (CI) the GPU benches say so; on a GPU the bad --iters is refused before
+  // anything is timed. Either way: exit 2, one line, nothing measured.
+  for (const char* op : {"ce", "flce"}) {
+    CAPTURE(op);
+    Run r = run_qlora(std::string("bench ") + op + " --iters=-1");
+    CHECK(r.status == 2);
+    CHECK(count_lines(r.output) == 1);
+    const bool no_gpu = r.output.find("needs a CUDA device") != std::string::npos;
+    const bool bad_iters = r.output.find("--iters must be >= 1, found -1") != std::string::npos;
+    CHECK((no_gpu || bad_iters));
+    CHECK_THAT(r.output, ContainsSubstring(std::string("qlora bench ") + op + ":"));
+  }
+}
