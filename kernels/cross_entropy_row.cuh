@@ -75,26 +75,29 @@ __device__ __forceinline__ void unpack_vec(const uint4& u, float (&f)[kVec<T>]) 
 __device__ __forceinline__ uint4 pack(const float (&f)[4]) {
   return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
 }
+template <typename T2>
+__device__ __forceinline__ uint4 pack2(const float (&f)[8]) {
+  union {
+    T2 h[4];
+    uint4 u;
+  } p;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (std::is_same_v<T2, __half2>)
+      p.h[i] = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
+    else
+      p.h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+  }
+  return p.u;
+}
 template <typename T>
 __device__ __forceinline__ uint4 pack_vec(const float (&f)[kVec<T>]) {
   if constexpr (std::is_same_v<T, float>) {
     return pack(f);
   } else if constexpr (std::is_same_v<T, __half>) {
-    union {
-      __half2 h[4];
-      uint4 u;
-    } p;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) p.h[i] = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
-    return p.u;
+    return pack2<__half2>(f);
   } else {
-    union {
-      __nv_bfloat162 h[4];
-      uint4 u;
-    } p;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) p.h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-    return p.u;
+    return pack2<__nv_bfloat162>(f);
   }
 }
 
