@@ -178,7 +178,9 @@ int run_bench_flce(const FlceBenchOptions& o, int iters_given, const std::string
   std::printf("qlora bench flce on %s (sm_%d%d, %d SMs), bf16, iters %d (median; 2 warm-up)\n", prop.name, prop.major,
               prop.minor, prop.multiProcessorCount, iters);
   std::printf("ours = fused_linear_cross_entropy fwd + backward (chunk 0 = automatic, its rows in brackets); "
-              "gemm = one N x H x V bf16 X W^T (x gemm: one GEMM timed at the case's start; x pair: median over samples of ours / (3 back-to-back GEMMs timed right before it, / 3)); unfused = X W^T -> float -> cross_entropy -> backward; "
+              "gemm = one N x H x V bf16 X W^T (x gemm: one GEMM timed at the case's start; x pair: median over "
+              "samples of ours / (3 back-to-back GEMMs timed right before it, / 3)); "
+              "unfused = X W^T -> float -> cross_entropy -> backward; "
               "extra peak = allocator peak during fwd+bwd minus allocated before (GB = 1e9 B); "
               "loss rel = |ours - unfused| / |unfused|\n\n");
   std::printf("%-20s %-9s %-12s | %9s %7s %7s %9s | %10s %7s %9s | %9s\n", "case NxHxV", "W", "chunk", "ours ms",
@@ -201,11 +203,9 @@ int run_bench_flce(const FlceBenchOptions& o, int iters_given, const std::string
       labels.masked_fill_(at::rand({c.N}, at::TensorOptions(at::kFloat).device(at::kCUDA)) < 0.1, -100);
       const int64_t ignored = labels.eq(-100).sum().item<int64_t>();
 
-      // The yardstick: the forward GEMM alone, in the dtype and layout the loss uses. Timed at the
-      // start of the case and again right before every sample of every row ("paired", see
-      // measure()): a ratio is only as good as the two times it divides.
-      // Paired yardstick: three back-to-back GEMMs, a load as long as a fused step (~3 GEMMs), so the
-      // clock it runs at is the clock the step runs at; measure() divides by kPairGemms.
+      // The yardstick: the forward GEMM alone, in the dtype and layout the loss uses, timed at the
+      // start of the case; and, paired with every sample of every row (measure()), kPairGemms of
+      // them back to back: a load as long as a fused step, so that it runs at the step's clock.
       const std::function<void()> gemm_run = [&] {
         at::NoGradGuard no_grad;
         for (int k = 0; k < kPairGemms; ++k) (void)at::matmul(X, W.t());
