@@ -1,7 +1,7 @@
 // qlora bench flce: the fused linear + cross-entropy (flce.h) forward + backward against one N x H x V
 // GEMM and against the unfused libtorch loss, side by side in one process on the current CUDA device.
 // Ratios are given two ways: to the GEMM timed at the start of the case, and paired (the median of
-// each sample over the same GEMM timed right before it; measure() says why).
+// each sample over three back-to-back GEMMs timed right before it, per GEMM; measure() says why).
 //
 // Method (why): each figure is the median over --iters samples (after 2 warm-up calls), each sample
 // one forward + loss.backward() bracketed by CUDA events on the current stream. Gradients of X (and W
