@@ -15,7 +15,6 @@
 
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <string>
 #include <vector>
 
@@ -184,9 +183,7 @@ int run_bench_ce(int iters_given, const std::string& json_path) {
                         {"method", "median over iters of (CUDA-event time of 8 back-to-back launches) / 8; gbps = 2 x "
                                    "chunk bytes / time; moved_gbps = bytes the design moves / time"},
                         {"cases", jcases}};
-    std::ofstream f(json_path);
-    if (!f) throw UserError("qlora bench ce: cannot write --json file " + json_path);
-    f << j.dump(2) << "\n";
+    write_bench_json("ce", json_path, j);
     std::printf("wrote %s\n", json_path.c_str());
   }
   return kExitOk;

@@ -19,7 +19,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <functional>
 #include <string>
 #include <vector>
@@ -323,9 +322,7 @@ int run_bench_flce(const FlceBenchOptions& o, int iters_given, const std::string
                          "(allocator peak - allocated before); ratio_to_gemm = median / median of one bf16 X W^T "
                          "(no grad) timed at the case's start; ratio_to_gemm_paired = median over samples of (sample / (three back-to-back GEMMs timed right before that sample, / 3)); gemm_paired_samples_ms are per GEMM; chunk_size 0 = automatic (chunk_rows as flce_chunk_rows gave after the run)"},
               {"cases", jcases}};
-    std::ofstream f(json_path);
-    if (!f) throw UserError("qlora bench flce: cannot write --json file " + json_path);
-    f << j.dump(2) << "\n";
+    write_bench_json("flce", json_path, j);
     std::printf("wrote %s\n", json_path.c_str());
   }
   return kExitOk;

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "cli/bench_util.h"
 #include "cli/commands.h"
 #include "qlora/error.h"
 #include "qlora/model.h"
@@ -304,9 +305,7 @@ int run_bench_model(const ModelBenchOptions& mo, const std::string& dtype_name, 
                          "then iters passes each timed by CUDA events (CPU: wall clock); median. peak extra: allocator "
                          "peak after a reset post-warm-up, minus allocated after the load. TFLOP/s: 2*(linear+lm_head "
                          "params)*tokens + causal attention 2*L*B*heads*head_dim*T^2, NF4 dequant not counted"}};
-    std::ofstream f(json_path);
-    if (!f) throw UserError("qlora bench model: cannot write --json file " + json_path);
-    f << j.dump(2) << "\n";
+    write_bench_json("model", json_path, j);
     std::printf("wrote %s\n", json_path.c_str());
   }
   return kExitOk;

@@ -19,6 +19,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "cli/bench_util.h"
 #include "cli/commands.h"
 #include "qlora/error.h"
 #include "qlora/gguf.h"
@@ -156,12 +157,9 @@ int run_bench_tokenizer(const TokenizerBenchOptions& o, int iters, const std::st
                        {"seconds", s.seconds}});
   }
   if (!json_path.empty()) {
-    std::ofstream f(json_path);
-    if (!f) throw UserError("qlora bench tokenizer: cannot write --json file " + json_path);
-    f << nlohmann::json({{"bench", "tokenizer"}, {"tokenizer", o.tokenizer}, {"text_bytes", text.size()},
-                         {"iters", iters}, {"results", results}})
-             .dump(2)
-      << "\n";
+    write_bench_json("tokenizer", json_path,
+                     {{"bench", "tokenizer"}, {"tokenizer", o.tokenizer}, {"text_bytes", text.size()},
+                      {"iters", iters}, {"results", results}});
   }
   return kExitOk;
 }

@@ -31,7 +31,6 @@
 #include <cctype>
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <functional>
 #include <map>
 #include <optional>
@@ -39,6 +38,7 @@
 #include <string>
 #include <vector>
 
+#include "cli/bench_util.h"
 #include "cli/commands.h"
 #include "qlora/error.h"
 #include "qlora/host_memory.h"
@@ -405,9 +405,7 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
   }
   std::fflush(stdout);
   if (!json_path.empty()) {
-    std::ofstream f(json_path);
-    if (!f) throw UserError("qlora bench train: cannot write --json " + json_path);
-    f << out.dump(2) << "\n";
+    write_bench_json("train", json_path, out);
   }
   return kExitOk;
 }

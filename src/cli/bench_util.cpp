@@ -1,6 +1,22 @@
 // Timing helpers the `qlora bench` entries share (bench_util.h).
 #include "cli/bench_util.h"
 
+#include <fstream>
+
+#include "qlora/error.h"
+
+namespace qlora::cli {
+
+void write_bench_json(const std::string& op, const std::string& path, const nlohmann::json& j) {
+  std::ofstream f(path);
+  if (!f) throw UserError("qlora bench " + op + ": cannot write --json file " + path);
+  f << j.dump(2) << "\n";
+  f.flush();
+  if (!f) throw UserError("qlora bench " + op + ": cannot write --json file " + path + " (write failed)");
+}
+
+}  // namespace qlora::cli
+
 #ifdef QLORA_WITH_CUDA
 #include <ATen/ATen.h>
 

@@ -1,7 +1,10 @@
 // Timing helpers the `qlora bench` entries share (cmd_bench.cpp, bench_ce.cpp, bench_flce.cpp).
 #pragma once
 #include <algorithm>
+#include <string>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #ifdef QLORA_WITH_CUDA
 #include <ATen/cuda/CUDAEvent.h>
@@ -17,6 +20,10 @@ inline double median(std::vector<double> v) {
   const size_t n = v.size();
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
+
+// Writes j (indented) to the --json file `path` of `qlora bench OP`; a file that cannot be opened or
+// written is a UserError naming it.
+void write_bench_json(const std::string& op, const std::string& path, const nlohmann::json& j);
 
 #ifdef QLORA_WITH_CUDA
 // Median milliseconds per launch of fn(set), sets in rotation; 3 warm-up passes first. A sample

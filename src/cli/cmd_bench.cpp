@@ -13,7 +13,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <string>
 #include <vector>
 
@@ -225,9 +224,7 @@ int bench_nf4(const BenchOptions& o) {
                         {"method", "median over iters of (CUDA-event time of >= 8 back-to-back launches over `sets` rotated "
                                    "input/output sets) / launches; GB/s = bytes / time, 1 GB = 1e9 bytes"},
                         {"results", results}};
-    std::ofstream f(o.json_path);
-    if (!f) throw UserError("qlora bench nf4: cannot write --json file " + o.json_path);
-    f << j.dump(2) << "\n";
+    write_bench_json("nf4", o.json_path, j);
     std::printf("\nwrote %s\n", o.json_path.c_str());
   }
   return kExitOk;
