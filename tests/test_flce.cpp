@@ -168,6 +168,30 @@ TEST_CASE("flce with every label ignored: loss 0, gradients 0, no NaN", "[flce]"
   CHECK(x.grad().abs().max().item<float>() == 0.0f);
 }
 
+// Ignored rows are dropped before the GEMMs (src/loss/flce.cpp, ce_pass), so nothing of theirs can
+// reach dW: not even a non-finite hidden state (0 * NaN is NaN inside a GEMM that kept the row).
+TEST_CASE("flce skips ignored rows: non-finite values there change no loss or gradient", "[flce]") {
+  const Reduction red = GENERATE(Reduction::mean, Reduction::sum, Reduction::none);
+  const int64_t chunk = GENERATE(0, 3, 7);
+  FlceOptions o;
+  o.reduction = red;
+  o.chunk_size = chunk;
+  o.z_loss = 1e-3;
+  INFO(name(red) << " chunk " << chunk);
+  const Case c = make_case(23, 8, 61, at::kFloat, 0.4, 5);
+  const at::Tensor ignored = c.labels.eq(-100);
+  REQUIRE(ignored.any().item<bool>());
+  REQUIRE(!ignored.all().item<bool>());
+  at::Tensor poisoned = c.X.clone();
+  poisoned.index_put_({ignored}, NAN);
+  poisoned.index_put_({ignored.nonzero().select(1, 0)[0]}, INFINITY);
+  const at::Tensor go = red == Reduction::none ? at::rand({23}) : at::Tensor();
+  const Result got = fused(poisoned, c.W, c.labels, o, true, go);
+  check_close(got, unfused(c.X, c.W, c.labels, o, true, go), 1e-5);
+  CHECK(got.dx.index({ignored}).abs().max().item<float>() == 0.0f);
+  CHECK(got.dw.isfinite().all().item<bool>());
+}
+
 TEST_CASE("flce in bf16 and fp16 matches the unfused reference within 16-bit rounding", "[flce]") {
   // Both sides round the logits GEMM to 16 bits and the logits gradient to 16 bits before the dX
   // GEMM; they differ in where fp32 sums are rounded (dW: ours accumulates chunks in fp32, the
@@ -406,4 +430,25 @@ TEST_CASE("flce on CUDA: every label ignored, W frozen, the op through the dispa
   const at::Tensor l3 = op.call(c.X.to(dev), c.W.to(dev), c.labels.to(dev), -100, "none", 0.0, 1.0, 0.0, 0.0, 0);
   CHECK(l3.is_cuda());
   CHECK(l3.sizes().vec() == std::vector<int64_t>{17});
+}
+
+TEST_CASE("flce on CUDA skips ignored rows: non-finite values there change nothing", "[cuda][flce]") {
+  FLCE_REQUIRE_CUDA();
+  const at::ScalarType dt = GENERATE(at::kFloat, at::kBFloat16);
+  const Reduction red = GENERATE(Reduction::mean, Reduction::none);
+  FlceOptions o;
+  o.reduction = red;
+  o.chunk_size = GENERATE(0, 4);
+  INFO(c10::toString(dt) << " " << name(red) << " chunk " << o.chunk_size);
+  const Case c = make_case(29, 64, 50257, dt, 0.4, 15);
+  const at::Tensor ignored = c.labels.eq(-100);
+  REQUIRE(ignored.any().item<bool>());
+  at::Tensor poisoned = c.X.clone();
+  poisoned.index_put_({ignored}, NAN);
+  const at::Tensor go = red == Reduction::none ? at::rand({29}) : at::Tensor();
+  const Result cpu = fused(c.X, c.W, c.labels, o, true, go);
+  const at::Device dev(at::kCUDA);
+  const Result gpu = fused(poisoned.to(dev), c.W.to(dev), c.labels.to(dev), o, true, go.defined() ? go.to(dev) : go);
+  check_close({gpu.loss.cpu(), gpu.dx.cpu(), gpu.dw.cpu()}, cpu, dt == at::kFloat ? 1e-4 : 1e-2);
+  CHECK(gpu.dx.cpu().index({ignored}).abs().max().item<float>() == 0.0f);
 }
