@@ -371,6 +371,12 @@ TEST_CASE("flce_chunk_rows: the override, the CPU budget, always in [1, N]", "[f
   CHECK(r >= 1);
   CHECK(r * 128256 * (2 + 8) <= (int64_t{256} << 20));
   CHECK(flce_chunk_rows(3, 10, at::kFloat, cpu, 0) == 3);
+  // Automatic chunks are equal: the budget's row count, spread evenly over the chunks it needs.
+  const int64_t cap = flce_chunk_rows(1 << 20, 50257, at::kFloat, cpu, 0);
+  const int64_t n = cap + cap / 3;  // two chunks at the budget: cap + cap/3 -> two of about 2/3 cap
+  const int64_t even = flce_chunk_rows(n, 50257, at::kFloat, cpu, 0);
+  CHECK(even == (n + 1) / 2);
+  CHECK(flce_chunk_rows(2 * cap, 50257, at::kFloat, cpu, 0) == cap);
 }
 
 // ---- CUDA (skipped without a GPU): the CUDA path (kernels/cross_entropy.cuh in place on the

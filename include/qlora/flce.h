@@ -32,6 +32,8 @@ FlceOptions::Reduction flce_reduction_from_string(const std::string& s);
 // buffer otherwise). Returns an fp32 scalar (mean, sum) or fp32 [N] per-token losses (none;
 // ignored tokens 0). Mean over zero non-ignored tokens is 0, with zero gradients.
 // logsumexp/softmax in fp32; dW accumulated in fp32 and cast to W's dtype at the end.
+// Rows labelled ignore_index are dropped before any GEMM (their dX is 0; nothing of them, not even
+// a NaN, reaches dW); on CUDA that costs one read-back of the kept count per call.
 at::Tensor fused_linear_cross_entropy(const at::Tensor& X, const at::Tensor& W, const at::Tensor& labels,
                                       const FlceOptions& options = {});
 
@@ -50,7 +52,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_chunk_reference(at::Tensor& log
 
 // Rows per chunk for N rows of a V-wide vocabulary in `dtype` on `device`: options.chunk_size when
 // > 0, else from free device memory (CUDA) or a fixed budget (CPU); larger chunks when W is
-// trainable (its dW GEMM is slow at small chunks). Always in [1, max(N,1)].
+// trainable (its dW GEMM is slow at small chunks), the rows spread evenly over the fewest chunks
+// the budget allows. Always in [1, max(N,1)].
 int64_t flce_chunk_rows(int64_t N, int64_t V, at::ScalarType dtype, const at::Device& device, int64_t chunk_size,
                         bool w_trainable = false);
 

@@ -273,8 +273,10 @@ int run_bench_flce(const FlceBenchOptions& o, int iters_given, const std::string
               gemm_run);
           drop_grads();
           c10::cuda::CUDACachingAllocator::emptyCache();
-          // What the automatic choice gives now (free memory after the cache was emptied, as in the run).
-          const int64_t rows = flce_chunk_rows(c.N, c.V, at::kBFloat16, X.device(), chunk, trainable);
+          // What the automatic choice gives now (free memory after the cache was emptied, as in the run),
+          // for the rows the loss keeps (the ignored ones are dropped before chunking).
+          const int64_t kept_rows = row.every_label_kept ? c.N : c.N - ignored;
+          const int64_t rows = flce_chunk_rows(kept_rows, c.V, at::kBFloat16, X.device(), chunk, trainable);
           std::string chunk_label = chunk == 0 ? "auto (" + std::to_string(rows) + ")" : std::to_string(chunk);
           if (row.every_label_kept) chunk_label += " all kept";
           // The unfused loss is of the case's labels: no reference for the all-kept row.
