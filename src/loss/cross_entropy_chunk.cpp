@@ -75,8 +75,8 @@ int64_t flce_chunk_rows(int64_t N, int64_t V, at::ScalarType dtype, const at::De
 #ifdef QLORA_WITH_CUDA
   if (device.is_cuda()) {
     // A quarter of what the driver reports free (the caching allocator's own free blocks come on
-    // top). Which size is fastest is to be measured on the GPU box (pending); capped at 1 GiB,
-    // beyond which the GEMMs are already large enough to run at full speed.
+    // top), capped at 1 GiB, beyond which the GEMMs are already large enough to run at full speed
+    // (the frozen and trainable sizes below were chosen by measurement).
     size_t free_b = 0, total_b = 0;
     int prev = -1;
     const bool switch_dev = device.has_index() && cudaGetDevice(&prev) == cudaSuccess && prev != device.index();

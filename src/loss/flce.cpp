@@ -9,8 +9,8 @@
 // W and labels (nothing extra between forward and backward) but runs the logits GEMM twice (4
 // GEMMs instead of 3), and is required when the gradient weights differ per token: reduction
 // "none" recomputes in the backward here, since grad_output [N] scales each row of dlogits and dW
-// cannot be rescaled afterwards. Which is faster overall for mean/sum is to be measured on the GPU
-// box (pending; issue 5, item 3).
+// cannot be rescaled afterwards. Measured on an H100 (docs/PERFORMANCE.md, side by side): the
+// recomputing way is 1.4-1.7x slower for mean/sum, so those make the gradients in the forward.
 //
 // The cross-entropy step of a chunk: kernels/cross_entropy.cuh on CUDA (in place on the GEMM's
 // 16-bit output), the fp32 ATen reference of src/loss/cross_entropy_chunk.cpp elsewhere.
