@@ -333,9 +333,14 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
                     static_cast<double>(m.peak_bytes) / (1 << 30));
         tried.push_back({{"seq", seq}, {"fits", true}, {"tokens_per_s", m.tokens_per_s}, {"peak_memory_bytes", m.peak_bytes}});
         best = m;
-      } catch (const c10::OutOfMemoryError&) {
-        std::printf("  seq %7lld: out of memory\n", static_cast<long long>(seq));
-        tried.push_back({{"seq", seq}, {"fits", false}});
+      } catch (const std::exception& e) {
+        // c10's out-of-memory error, or the trainer's OutOfMemory (qlora/error.h) that a step's
+        // out-of-memory becomes, with the phase named: either ends the search. Anything else is a
+        // real failure.
+        const bool oom = dynamic_cast<const c10::OutOfMemoryError*>(&e) || dynamic_cast<const OutOfMemory*>(&e);
+        if (!oom) throw;
+        std::printf("  seq %7lld: out of memory (%s)\n", static_cast<long long>(seq), e.what());
+        tried.push_back({{"seq", seq}, {"fits", false}, {"error", e.what()}});
 #ifdef QLORA_WITH_CUDA
         c10::cuda::CUDACachingAllocator::emptyCache();
 #endif
