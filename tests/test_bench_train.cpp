@@ -124,13 +124,30 @@ TEST_CASE("qlora bench train --shape tiny on the CPU: JSON, FLOPs per token by h
   CHECK(j.at("steps").get<int>() == 2);
   CHECK(j.at("mfu").get<double>() == 0.0);  // no peak known for a CPU
   CHECK(std::isfinite(j.at("last_loss").get<double>()));
+  CHECK(j.at("prompt_fraction").get<double>() == 0.0);
+
+  // The same run with the first half of every row a masked prompt: the same tokens, so the same
+  // FLOPs formula, but the loss is over the second halves only.
+  const std::string masked_path = (dir / "masked.json").string();
+  const Run m = run_qlora("bench train --shape tiny --device cpu --dtype fp32 --seq 32 --batch 2 --rank 4 --steps 2 "
+                          "--warmup 1 --prompt-fraction 0.5 --json " + masked_path);
+  CAPTURE(m.output);
+  REQUIRE(m.status == 0);
+  CHECK_THAT(m.output, ContainsSubstring("the first 50 % of each row a masked prompt"));
+  const nlohmann::json jm = nlohmann::json::parse(read_file(masked_path));
+  CHECK(jm.at("prompt_fraction").get<double>() == 0.5);
+  CHECK(jm.at("flops_per_token").get<double>() == j.at("flops_per_token").get<double>());
+  CHECK(std::isfinite(jm.at("last_loss").get<double>()));
+  CHECK(jm.at("last_loss").get<double>() != j.at("last_loss").get<double>());
 }
 
 TEST_CASE("qlora bench train: bad input exits 2 with one line", "[bench_train][cli]") {
   for (const char* args : {"bench train --device cpu", "bench train --shape llama-9b --device cpu",
                            "bench train --shape tiny --device cpu --rank 0",
                            "bench train --shape tiny --device cpu --steps 0", "bench train --shape tiny --device cpu --seq 1",
-                           "bench train --shape tiny --device cpu --seq-search"}) {
+                           "bench train --shape tiny --device cpu --seq-search",
+                           "bench train --shape tiny --device cpu --prompt-fraction 1",
+                           "bench train --shape tiny --device cpu --prompt-fraction -0.1"}) {
     const Run r = run_qlora(args);
     CAPTURE(args, r.output);
     CHECK(r.status == 2);

@@ -15,14 +15,19 @@
 // the prefetch stream). The profiled step is not part of the timed figure.
 //
 // --seq-search (long context): from --seq, doubling, one warm-up + one timed step per length,
-// until a step runs out of GPU memory (c10::OutOfMemoryError); the longest length that trained is
-// the figure (with --offload: activation offloading, as axolotl's activation_offloading).
+// until a step runs out of GPU memory (c10's error, or the trainer's OutOfMemory that it becomes);
+// the longest length that trained is the figure (with --offload: activation offloading, as axolotl's activation_offloading).
 //
 // MFU = tokens/s x FLOPs per token / peak, with FLOPs per token = 4 N_base + 6 N_lora + 12 L s d
 // (N_base: the frozen matmul parameters, lm_head included, forward + input-gradient GEMMs;
 // N_lora: LoRA parameters, forward + both gradients; 12 L s d: attention scores and values, forward
 // and backward, s the sequence length and d = heads x head_dim). The recompute of checkpointed
 // layers is not counted (it is overhead, not useful work), as in the PaLM paper's MFU.
+//
+// --prompt-fraction F: the first F of every row is a prompt with no loss (labels -100), as supervised
+// fine-tuning masks prompts; the loss skips those rows' lm_head GEMMs (src/loss/flce.cpp). tokens/s
+// still counts every token, and the MFU formula above still counts every token's lm_head work, so
+// with F > 0 it overstates the work done by F x 4 V H per token.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <nlohmann/json.hpp>
@@ -73,6 +78,7 @@ struct TrainBenchOptions {
   double gpu_memory_limit = 0;  // GiB the caching allocator may hold (an 80 GB card's budget on a larger one)
   int64_t checkpoint_layers = -1;  // gradient_checkpointing_layers: the first N layers recompute (-1: all)
   bool no_fused_kernels = false;   // fused_kernels: false (the ATen ops instead of the fused kernels)
+  double prompt_fraction = 0;      // the first fraction of each row has no loss (labels -100)
   int top_kernels = 8;             // the profiled step's most expensive "other" kernels, by name
   std::shared_ptr<const BenchRunOptions> run;
 };
@@ -171,12 +177,14 @@ struct Measurement {
 };
 
 Measurement measure(const TrainConfig& base_config, const LlamaWeights& model, int64_t seq, int64_t batch, int steps,
-                    int warmup, bool profile, uint64_t seed) {
+                    int warmup, bool profile, uint64_t seed, double prompt_fraction) {
   TrainConfig config = base_config;
   config.sequence_len = static_cast<int>(seq);
   config.max_steps = warmup + steps + (profile ? 1 : 0);
   [[maybe_unused]] const at::Device device = model.device;  // read by the CUDA build only
-  // Random token rows of exactly seq tokens, every position a target (no padding, no packing).
+  // Random token rows of exactly seq tokens (no padding, no packing), every position a target but
+  // the first `prompt` ones (a masked prompt).
+  const int64_t prompt = static_cast<int64_t>(prompt_fraction * static_cast<double>(seq));
   PreparedData data;
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed + 1);
   const int64_t rows = config.max_steps * batch;
@@ -186,10 +194,12 @@ Measurement measure(const TrainConfig& base_config, const LlamaWeights& model, i
     TokenizedExample ex;
     ex.input_ids.assign(p + i * seq, p + (i + 1) * seq);
     ex.labels = ex.input_ids;
+    std::fill(ex.labels.begin(), ex.labels.begin() + prompt, -100);
     data.train.push_back(std::move(ex));
   }
   data.stats.records = rows;
-  data.stats.tokens = data.stats.trainable_tokens = rows * seq;
+  data.stats.tokens = rows * seq;
+  data.stats.trainable_tokens = rows * (seq - prompt);
   TrainerOptions topt;
   topt.write_outputs = false;
   TrainerInputs inputs;
@@ -238,6 +248,11 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
   const BenchRunOptions& r = *o.run;
   if (o.shape.empty()) throw UserError("qlora bench train: --shape is required (one of: " + shape_list() + ")");
   if (r.seq < 2 || r.batch < 1) throw UserError("qlora bench train: --seq must be >= 2 and --batch >= 1");
+  if (!(o.prompt_fraction >= 0 && o.prompt_fraction < 1)) {
+    char found[32];
+    std::snprintf(found, sizeof found, "%g", o.prompt_fraction);
+    throw UserError(std::string("qlora bench train: --prompt-fraction must be in [0, 1), found ") + found);
+  }
   if (o.rank < 1) throw UserError("qlora bench train: --rank must be >= 1, found " + std::to_string(o.rank));
   if (o.steps < 1 || o.warmup < 0) throw UserError("qlora bench train: --steps must be >= 1 and --warmup >= 0");
   if (o.seq_search && r.device != "cuda")
@@ -291,15 +306,20 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
   const double build_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_build).count();
   const char* dtype_label = mo.compute_dtype == at::kBFloat16 ? "bf16" : mo.compute_dtype == at::kHalf ? "fp16" : "fp32";
   std::printf("qlora bench train --shape %s on %s: %s base, compute %s, LoRA r %d (alpha %d) on all 7 projections, "
-              "batch %lld, gradient checkpointing%s%s%s; model built in %.1f s\n",
+              "batch %lld, gradient checkpointing%s%s%s%s; model built in %.1f s\n",
               o.shape.c_str(), device_name.c_str(), mo.load_in_4bit ? "NF4" : "16-bit", dtype_label, o.rank, 2 * o.rank,
               static_cast<long long>(r.batch),
               o.checkpoint_layers >= 0 ? (" of the first " + std::to_string(o.checkpoint_layers) + " layers").c_str() : "",
-              o.offload ? " + activation offloading" : "", o.no_fused_kernels ? ", fused kernels off" : "", build_s);
+              o.offload ? " + activation offloading" : "", o.no_fused_kernels ? ", fused kernels off" : "",
+              o.prompt_fraction > 0 ? (", the first " + std::to_string(static_cast<int>(100 * o.prompt_fraction + 0.5)) +
+                                       " % of each row a masked prompt").c_str()
+                                    : "",
+              build_s);
   std::fflush(stdout);
   json out = {{"shape", o.shape}, {"device", device_name}, {"dtype", dtype_label}, {"nf4", mo.load_in_4bit},
               {"rank", o.rank},   {"batch", r.batch},      {"offload", o.offload},
-              {"checkpoint_layers", o.checkpoint_layers}, {"fused_kernels", !o.no_fused_kernels}};
+              {"checkpoint_layers", o.checkpoint_layers}, {"fused_kernels", !o.no_fused_kernels},
+              {"prompt_fraction", o.prompt_fraction}};
 
   if (o.seq_search) {
     // The longest sequence that trains: doubling from --seq until a step runs out of memory.
@@ -328,7 +348,7 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
         }
       }
       try {
-        const Measurement m = measure(config, model, seq, r.batch, 1, 1, false, r.seed);
+        const Measurement m = measure(config, model, seq, r.batch, 1, 1, false, r.seed, o.prompt_fraction);
         std::printf("  seq %7lld: fits, %.0f tokens/s, peak %.2f GiB\n", static_cast<long long>(seq), m.tokens_per_s,
                     static_cast<double>(m.peak_bytes) / (1 << 30));
         tried.push_back({{"seq", seq}, {"fits", true}, {"tokens_per_s", m.tokens_per_s}, {"peak_memory_bytes", m.peak_bytes}});
@@ -354,7 +374,7 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
                 static_cast<long long>(best ? best->seq : 0));
   } else {
     const bool profile = device.is_cuda() && !o.no_profile;
-    const Measurement m = measure(config, model, r.seq, r.batch, o.steps, o.warmup, profile, r.seed);
+    const Measurement m = measure(config, model, r.seq, r.batch, o.steps, o.warmup, profile, r.seed, o.prompt_fraction);
     const double peak_tf = o.peak_tflops > 0 ? o.peak_tflops : (device.is_cuda() ? peak_tflops_for(device_name) : 0.0);
     const double achieved_tf = m.tokens_per_s * m.flops.total() / 1e12;
     const double mfu = peak_tf > 0 ? achieved_tf / peak_tf : 0.0;
@@ -436,6 +456,10 @@ BenchTrainFn add_bench_train_options(CLI::App& bench, std::shared_ptr<const Benc
                    "train: only the first N layers recompute in backward (gradient_checkpointing_layers); -1: all")
       ->capture_default_str();
   bench.add_flag("--no-fused-kernels", st->no_fused_kernels, "train: the ATen ops instead of the fused RMSNorm/SwiGLU kernels");
+  bench.add_option("--prompt-fraction", st->prompt_fraction,
+                   "train: the first fraction of each row is a prompt with no loss (labels -100), as in supervised "
+                   "fine-tuning; in [0, 1)")
+      ->capture_default_str();
   bench.add_option("--top-kernels", st->top_kernels, "train: list the N most expensive 'other' kernels of the profiled step")
       ->capture_default_str();
   bench.add_option("--gpu-memory-limit", st->gpu_memory_limit,
