@@ -5,7 +5,8 @@ QLoRA on the same checkpoint, shapes, rank, batch and gradient checkpointing, ti
 The model is loaded with BitsAndBytesConfig(load_in_4bit, nf4, double quant, compute bf16) (or bf16
 with --no-4bit), LoRA r/alpha on the seven projections (dropout 0), gradient checkpointing on
 (use_reentrant=False), torch AdamW on the LoRA parameters, random token ids [batch, seq], labels =
-input ids (transformers shifts them). Each step: forward + loss + backward + optimizer step,
+input ids (transformers shifts them; --prompt-fraction F sets the first F of each row to -100, a
+masked prompt, as `qlora bench train --prompt-fraction F`). Each step: forward + loss + backward + optimizer step,
 synchronized; tokens/s = batch * seq / step time, median over the steps after --warmup; peak =
 torch.cuda.max_memory_allocated over the run.
 
@@ -33,7 +34,13 @@ def main():
     ap.add_argument("--memory-limit-gib", type=float, default=0,
                     help="cap the caching allocator (torch.cuda.set_per_process_memory_fraction), e.g. 79 for an "
                          "80 GB card's budget on a larger one; out of memory then exits 3")
+    ap.add_argument("--prompt-fraction", type=float, default=0,
+                    help="the first fraction of each row is a prompt with no loss (labels -100), in [0, 1)")
     a = ap.parse_args()
+    if not 0 <= a.prompt_fraction < 1:
+        print(f"bench_hf: --prompt-fraction must be in [0, 1), found {a.prompt_fraction}")
+        return 2
+    prompt = int(a.prompt_fraction * a.seq)
     try:
         import torch
         import transformers
@@ -76,9 +83,11 @@ def main():
         times, losses = [], []
         for step in range(a.steps):
             ids = torch.randint(0, min(vocab, 128000), (a.batch, a.seq), device="cuda", generator=g)
+            labels = ids.clone()
+            labels[:, :prompt] = -100
             torch.cuda.synchronize()
             t = time.perf_counter()
-            out = model(input_ids=ids, labels=ids)
+            out = model(input_ids=ids, labels=labels)
             out.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -92,6 +101,7 @@ def main():
         res = {"stack": f"transformers {transformers.__version__} + peft {peft.__version__}" +
                         ("" if a.no_4bit else f" + bitsandbytes {bitsandbytes.__version__} nf4"),
                "model": a.model, "seq": a.seq, "batch": a.batch, "rank": a.rank, "load_s": load_s,
+               "prompt_fraction": a.prompt_fraction,
                "trainable_params": sum(p.numel() for p in params), "median_step_s": med,
                "gradient_checkpointing": bool(model.base_model.model.is_gradient_checkpointing and model.training),
                "tokens_per_s": a.batch * a.seq / med, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
