@@ -1,15 +1,18 @@
 // Closed-form cross-entropy over one chunk of logits, in place, in fp32 (with logit scale, tanh
 // softcap and z-loss): the CPU reference of kernels/cross_entropy.cuh, and the step the fused
-// linear + cross-entropy runs on every chunk. Also: how many rows a chunk has.
+// linear + cross-entropy runs on every chunk. Also: how many rows a chunk has, and whether a CUDA
+// graph is being captured.
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <string>
 
+#include "loss/flce_internal.h"
 #include "qlora/error.h"
 #include "qlora/flce.h"
 
 #ifdef QLORA_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
 #include <cuda_runtime.h>
 #endif
 
@@ -64,6 +67,18 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_chunk_reference(at::Tensor& g, 
   return {loss, lse.masked_fill(ignored, 0)};
 }
 
+bool flce_stream_capturing(const at::Device& device) {
+#ifdef QLORA_WITH_CUDA
+  if (!device.is_cuda()) return false;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  return cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(device.index()), &status) == cudaSuccess &&
+         status != cudaStreamCaptureStatusNone;
+#else
+  (void)device;
+  return false;
+#endif
+}
+
 int64_t flce_chunk_rows(int64_t N, int64_t V, at::ScalarType dtype, const at::Device& device, int64_t chunk_size,
                         bool w_trainable) {
   const int64_t n = std::max<int64_t>(N, 1);
@@ -73,7 +88,7 @@ int64_t flce_chunk_rows(int64_t N, int64_t V, at::ScalarType dtype, const at::De
   int64_t per_row = std::max<int64_t>(V, 1) * (static_cast<int64_t>(c10::elementSize(dtype)) + 8);
   int64_t budget = int64_t{256} << 20;  // CPU: 256 MiB of chunk, enough to keep GEMMs efficient
 #ifdef QLORA_WITH_CUDA
-  if (device.is_cuda()) {
+  if (device.is_cuda() && !flce_stream_capturing(device)) {  // capturing: the CPU budget, no driver query
     // A quarter of what the driver reports free (the caching allocator's own free blocks come on
     // top), capped at 1 GiB, beyond which the GEMMs are already large enough to run at full speed
     // (the frozen and trainable sizes below were chosen by measurement).

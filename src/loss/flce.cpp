@@ -217,11 +217,13 @@ at::Tensor ce_pass_all_rows(const at::Tensor& X, const at::Tensor& W, const at::
 // cost is copying the kept rows of X (and scattering dX back), per row well under 1 % of what the
 // GEMMs spend on it at any LM vocabulary (4H bytes moved against 4-6 H V flops), so a few ignored
 // rows already pay; and, on CUDA, one read-back of the kept count per call (nonzero), since the
-// GEMMs' sizes are host values.
+// GEMMs' sizes are host values. While a CUDA graph is being captured that read-back is not allowed,
+// and every row goes through as before (ignored rows then still give 0 loss and 0 gradient).
 at::Tensor ce_pass(const at::Tensor& X, const at::Tensor& W, const at::Tensor& labels, const FlceOptions& o,
                    const at::Tensor& row_weight, Grads& grads) {
   const int64_t N = X.size(0);
-  const at::Tensor kept = N == 0 ? at::Tensor() : labels.ne(o.ignore_index).nonzero().squeeze(1);
+  const at::Tensor kept =
+      N == 0 || flce_stream_capturing(X.device()) ? at::Tensor() : labels.ne(o.ignore_index).nonzero().squeeze(1);
   if (!kept.defined() || kept.size(0) == N) return ce_pass_all_rows(X, W, labels, o, row_weight, grads);
   Grads part;
   part.dw = grads.dw;  // dW sums over rows: the kept rows' sum is the whole sum

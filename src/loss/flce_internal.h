@@ -12,6 +12,11 @@
 
 namespace qlora {
 
+// True while the current stream of `device` is capturing a CUDA graph (torch.compile's
+// "reduce-overhead", at::cuda::CUDAGraph): no read-back to the host and no driver query that may
+// synchronize (cudaMemGetInfo) are allowed then. False on CPU.
+bool flce_stream_capturing(const at::Device& device);
+
 // The option checks of fused_linear_cross_entropy (host values only).
 void flce_check_options(const FlceOptions& o);
 
