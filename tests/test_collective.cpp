@@ -9,6 +9,7 @@
 
 #include "qlora/dist.h"
 #include "qlora/error.h"
+#include "qlora/log.h"
 
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
@@ -514,4 +515,28 @@ TEST_CASE("read_dist_env parses the torchrun environment and names a bad variabl
     CHECK(one->master_addr == "127.0.0.1");
     CHECK(one->master_port == 29500);
   }
+}
+
+// Ranks run as threads of one process (the in-process collective) and each logs from its first
+// lines: the logger must be made once even when they all reach it at the same moment (ctest runs
+// this case in a process of its own, so this is the logger's first use there). A busy wait, not a
+// yield, so that they do reach it together: before the fix 14 of 30 runs of this case failed here.
+TEST_CASE("logging: ranks as threads may log first at the same moment", "[dist][log]") {
+  constexpr int kThreads = 32;
+  std::atomic<int> ready{0}, errors{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kThreads; ++i)
+    threads.emplace_back([&] {
+      ++ready;
+      while (ready.load() < kThreads) {
+      }
+      try {
+        (void)qlora::log_enabled(qlora::LogLevel::debug);
+        qlora::log_message(qlora::LogLevel::debug, "first use from many threads");
+      } catch (...) {
+        ++errors;
+      }
+    });
+  for (auto& t : threads) t.join();
+  CHECK(errors.load() == 0);
 }

@@ -25,12 +25,16 @@ spdlog::level::level_enum to_spdlog(LogLevel level) {
   return spdlog::level::info;
 }
 
+// Made once, thread-safely (a function-local static): ranks run as threads in one process (the
+// in-process collective) log from their first lines, and a check-then-create on spdlog's registry
+// let two of them race ("logger with name 'qlora' already exists").
 std::shared_ptr<spdlog::logger> logger() {
-  auto l = spdlog::get("qlora");
-  if (!l) {
-    l = spdlog::stderr_color_mt("qlora");
-    l->set_pattern("[r" + std::to_string(env_rank()) + "] %^%l%$: %v");
-  }
+  static const std::shared_ptr<spdlog::logger> l = [] {
+    if (auto existing = spdlog::get("qlora")) return existing;
+    auto made = spdlog::stderr_color_mt("qlora");
+    made->set_pattern("[r" + std::to_string(env_rank()) + "] %^%l%$: %v");
+    return made;
+  }();
   return l;
 }
 
