@@ -16,7 +16,8 @@
 //
 // --seq-search (long context): from --seq, doubling, one warm-up + one timed step per length,
 // until a step runs out of GPU memory (c10's error, or the trainer's OutOfMemory that it becomes);
-// the longest length that trained is the figure (with --offload: activation offloading, as axolotl's activation_offloading).
+// the longest length that trained is the figure (with --offload: activation offloading, as
+// axolotl's activation_offloading).
 //
 // MFU = tokens/s x FLOPs per token / peak, with FLOPs per token = 4 N_base + 6 N_lora + 12 L s d
 // (N_base: the frozen matmul parameters, lm_head included, forward + input-gradient GEMMs;

@@ -218,7 +218,8 @@ at::Tensor ce_pass_all_rows(const at::Tensor& X, const at::Tensor& W, const at::
 // GEMMs spend on it at any LM vocabulary (4H bytes moved against 4-6 H V flops), so a few ignored
 // rows already pay; and, on CUDA, one read-back of the kept count per call (nonzero), since the
 // GEMMs' sizes are host values. While a CUDA graph is being captured that read-back is not allowed,
-// and every row goes through as before (ignored rows then still give 0 loss and 0 gradient).
+// and every row goes through as before: ignored rows then still give 0 loss and a 0 dX row, but a
+// non-finite hidden state there reaches dW again (0 x NaN inside the dW GEMM).
 at::Tensor ce_pass(const at::Tensor& X, const at::Tensor& W, const at::Tensor& labels, const FlceOptions& o,
                    const at::Tensor& row_weight, Grads& grads) {
   const int64_t N = X.size(0);
