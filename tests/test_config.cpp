@@ -90,6 +90,7 @@ adam_beta2: 0.95
 adam_epsilon: 1.0e-6
 max_grad_norm: 0.3
 gradient_checkpointing: false
+attention_backend: cudnn
 bf16: false
 fp16: true
 device: cuda:1
@@ -139,6 +140,7 @@ resume_from_checkpoint: out/x/checkpoint-50
   CHECK(c.adam_epsilon == 1e-6);
   CHECK(c.max_grad_norm == 0.3);
   CHECK_FALSE(c.gradient_checkpointing);
+  CHECK(c.attention_backend == AttentionBackend::cudnn);
   CHECK(c.bf16 == Bf16Mode::off);
   CHECK(c.fp16);
   CHECK(c.device == "cuda:1");
@@ -206,6 +208,7 @@ TEST_CASE("wrong types and ranges name the key path and line:column", "[config]"
       {"adapter: qlora8", "adapter: expected one of qlora, lora"},
       {"optimizer: adamw_bnb_8bit", "optimizer: expected one of adamw_torch, adamw"},
       {"bf16: sometimes", "bf16: expected auto, true or false"},
+      {"attention_backend: fa3", "attention_backend: expected one of auto, flash, cudnn, efficient, math, found 'fa3'"},
       {"device: gpu", "device: expected auto, cpu, cuda or cuda:N, found 'gpu'"},
       {"device: cuda:x", "device: expected auto, cpu, cuda or cuda:N"},
       {"output_dir: {a: 1}", "output_dir: expected a string, found a mapping"},

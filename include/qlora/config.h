@@ -14,6 +14,7 @@ enum class LrScheduler { cosine, linear, constant, constant_with_warmup };
 enum class OptimizerType { adamw_torch };               // "adamw" is accepted as an alias
 enum class DatasetType { completion, alpaca, chat_template, pretokenized };
 enum class Bf16Mode { auto_, on, off };                 // axolotl's `bf16: auto|true|false`
+enum class AttentionBackend { auto_, flash, cudnn, efficient, math };  // which SDPA kernel is tried first
 
 struct DatasetConfig {
   std::string path;                       // jsonl file (required)
@@ -72,6 +73,7 @@ struct TrainConfig {
   int64_t gradient_checkpointing_layers = -1;  // checkpointing: the first N layers recompute, the others
                                                // keep their activations (-1: every layer recomputes)
   bool fused_kernels = true;              // CUDA: fused RMSNorm / SwiGLU / RoPE kernels (false: ATen ops)
+  AttentionBackend attention_backend = AttentionBackend::auto_;  // CUDA: the SDPA kernel tried first
   int64_t nonfinite_skip_limit = 0;       // bf16/fp32: steps with a non-finite loss/gradients skipped
                                           // before training stops (fp16 always skips and lowers the scale)
   bool fsdp_reshard_after_forward = true;  // multi-GPU: free each gathered layer after its forward

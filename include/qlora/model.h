@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "qlora/config.h"
 #include "qlora/hf_config.h"
 #include "qlora/nf4.h"
 
@@ -148,6 +149,11 @@ struct ForwardInputs {
 // transformers' LlamaRMSNorm: variance in fp32, x * rsqrt(var + eps) in fp32, cast back to the
 // input dtype, then weight * x.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// Process-wide (libtorch's SDPA priority order): the attention kernel tried first on CUDA; one that
+// cannot take the inputs (a mask, a head size) falls back to the next in libtorch's order. auto
+// restores libtorch's own order (flash, memory-efficient, math, cuDNN).
+void set_attention_backend(AttentionBackend backend);
 
 // q * cos + rotate_half(q) * sin for q [B, heads, T, head_dim] and cos/sin [B, T, head_dim];
 // rotate_half(x) = cat(-x[..., d/2:], x[..., :d/2]) (the HF/GPT-NeoX half-split convention).

@@ -81,6 +81,7 @@ struct TrainBenchOptions {
   bool no_fused_kernels = false;   // fused_kernels: false (the ATen ops instead of the fused kernels)
   double prompt_fraction = 0;      // the first fraction of each row has no loss (labels -100)
   int top_kernels = 8;             // the profiled step's most expensive "other" kernels, by name
+  AttentionBackend attention = AttentionBackend::auto_;  // attention_backend: the SDPA kernel tried first
   std::shared_ptr<const BenchRunOptions> run;
 };
 
@@ -276,6 +277,7 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
   config.activation_offloading = o.offload;
   config.gradient_checkpointing_layers = o.checkpoint_layers;
   config.fused_kernels = !o.no_fused_kernels;
+  config.attention_backend = o.attention;
   config.gpu_memory_limit = o.gpu_memory_limit;
   config.device = r.device;
   config.seed = static_cast<int64_t>(r.seed);
@@ -305,13 +307,19 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
   const auto t_build = std::chrono::steady_clock::now();
   const LlamaWeights model = random_llama(shape, mo, r.seed);
   const double build_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_build).count();
+  const char* attention_name = o.attention == AttentionBackend::flash       ? "flash"
+                               : o.attention == AttentionBackend::cudnn     ? "cudnn"
+                               : o.attention == AttentionBackend::efficient ? "efficient"
+                               : o.attention == AttentionBackend::math      ? "math"
+                                                                            : "auto";
   const char* dtype_label = mo.compute_dtype == at::kBFloat16 ? "bf16" : mo.compute_dtype == at::kHalf ? "fp16" : "fp32";
   std::printf("qlora bench train --shape %s on %s: %s base, compute %s, LoRA r %d (alpha %d) on all 7 projections, "
-              "batch %lld, gradient checkpointing%s%s%s%s; model built in %.1f s\n",
+              "batch %lld, gradient checkpointing%s%s%s%s%s; model built in %.1f s\n",
               o.shape.c_str(), device_name.c_str(), mo.load_in_4bit ? "NF4" : "16-bit", dtype_label, o.rank, 2 * o.rank,
               static_cast<long long>(r.batch),
               o.checkpoint_layers >= 0 ? (" of the first " + std::to_string(o.checkpoint_layers) + " layers").c_str() : "",
               o.offload ? " + activation offloading" : "", o.no_fused_kernels ? ", fused kernels off" : "",
+              o.attention == AttentionBackend::auto_ ? "" : (std::string(", ") + attention_name + " attention first").c_str(),
               o.prompt_fraction > 0 ? (", the first " + std::to_string(static_cast<int>(100 * o.prompt_fraction + 0.5)) +
                                        " % of each row a masked prompt").c_str()
                                     : "",
@@ -320,6 +328,7 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
   json out = {{"shape", o.shape}, {"device", device_name}, {"dtype", dtype_label}, {"nf4", mo.load_in_4bit},
               {"rank", o.rank},   {"batch", r.batch},      {"offload", o.offload},
               {"checkpoint_layers", o.checkpoint_layers}, {"fused_kernels", !o.no_fused_kernels},
+              {"attention", attention_name},
               {"prompt_fraction", o.prompt_fraction}};
 
   if (o.seq_search) {
@@ -461,6 +470,14 @@ BenchTrainFn add_bench_train_options(CLI::App& bench, std::shared_ptr<const Benc
                    "train: the first fraction of each row is a prompt with no loss (labels -100), as in supervised "
                    "fine-tuning; in [0, 1)")
       ->capture_default_str();
+  const std::map<std::string, AttentionBackend> backends = {{"auto", AttentionBackend::auto_},
+                                                             {"flash", AttentionBackend::flash},
+                                                             {"cudnn", AttentionBackend::cudnn},
+                                                             {"efficient", AttentionBackend::efficient},
+                                                             {"math", AttentionBackend::math}};
+  bench.add_option("--attention", st->attention,
+                   "train: the attention kernel tried first, auto|flash|cudnn|efficient|math (attention_backend)")
+      ->transform(CLI::CheckedTransformer(backends, CLI::ignore_case));
   bench.add_option("--top-kernels", st->top_kernels, "train: list the N most expensive 'other' kernels of the profiled step")
       ->capture_default_str();
   bench.add_option("--gpu-memory-limit", st->gpu_memory_limit,

@@ -31,6 +31,11 @@ const EnumNames<LrScheduler> kSchedulerNames = {{"cosine", LrScheduler::cosine},
                                                 {"linear", LrScheduler::linear},
                                                 {"constant", LrScheduler::constant},
                                                 {"constant_with_warmup", LrScheduler::constant_with_warmup}};
+const EnumNames<AttentionBackend> kAttentionBackendNames = {{"auto", AttentionBackend::auto_},
+                                                            {"flash", AttentionBackend::flash},
+                                                            {"cudnn", AttentionBackend::cudnn},
+                                                            {"efficient", AttentionBackend::efficient},
+                                                            {"math", AttentionBackend::math}};
 const EnumNames<OptimizerType> kOptimizerNames = {{"adamw_torch", OptimizerType::adamw_torch},
                                                   {"adamw", OptimizerType::adamw_torch}};
 // Canonical names first (the resolved config prints those), then the aliases users bring.
@@ -230,6 +235,9 @@ const std::vector<KeySpec>& key_table() {
               "activations (faster, more memory); -1: every layer"),
       bool_key("fused_kernels", &TrainConfig::fused_kernels,
                "CUDA: fused RMSNorm, SwiGLU and RoPE kernels in the layer loop (false: the same math as separate ATen ops)"),
+      enum_key("attention_backend", &TrainConfig::attention_backend, kAttentionBackendNames,
+               "CUDA: the scaled-dot-product attention kernel tried first (auto: libtorch's order, flash first); "
+               "one that cannot take the inputs falls back to the next"),
       int_key("nonfinite_skip_limit", &TrainConfig::nonfinite_skip_limit, 0, INT64_MAX,
               "bf16/fp32: how many steps with a non-finite loss or gradients are skipped (no update) before training "
               "stops with exit status 4 naming the last good checkpoint (fp16 skips them and lowers the loss scale)"),

@@ -16,8 +16,10 @@
 //    sequence; sliding windows AND kv_idx > q_idx - window (sliding_window_overlay).
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include "model/internal.h"
 #include "qlora/error.h"
@@ -74,6 +76,25 @@ AttentionInputs attention_inputs(const LlamaWeights& model, const at::Tensor& po
     a.sliding_window = window;
   }
   return a;
+}
+
+void set_attention_backend(AttentionBackend backend) {
+  // libtorch's default order (ATen/Context.h) with the chosen backend moved to the front.
+  std::vector<at::SDPBackend> order = {at::SDPBackend::flash_attention, at::SDPBackend::efficient_attention,
+                                       at::SDPBackend::math, at::SDPBackend::cudnn_attention,
+                                       at::SDPBackend::overrideable};
+  at::SDPBackend first = at::SDPBackend::flash_attention;
+  switch (backend) {
+    case AttentionBackend::auto_:
+    case AttentionBackend::flash: first = at::SDPBackend::flash_attention; break;
+    case AttentionBackend::cudnn: first = at::SDPBackend::cudnn_attention; break;
+    case AttentionBackend::efficient: first = at::SDPBackend::efficient_attention; break;
+    case AttentionBackend::math: first = at::SDPBackend::math; break;
+  }
+  std::stable_partition(order.begin(), order.end(), [first](at::SDPBackend b) { return b == first; });
+  std::vector<int64_t> ints;
+  for (at::SDPBackend b : order) ints.push_back(static_cast<int64_t>(b));
+  at::globalContext().setSDPPriorityOrder(ints);
 }
 
 // SDPA over q [B, H, Tq, D], k/v [B, KV, Tk, D].
