@@ -22,6 +22,7 @@
 #include "qlora/flce.h"
 #include "qlora/log.h"
 #include "qlora/trainer.h"
+#include "train/layer_input_offload.h"
 
 namespace qlora {
 
@@ -191,28 +192,21 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
   }
 
   // Forward, activations not kept: only each layer's input h_i and the RNG state before it. With
-  // activation_offloading the inputs wait in pinned host memory (copies on the current stream, so
-  // they are ordered with the layer that reads them); on a CPU device there is nothing to offload.
-  const bool offload = t.config.activation_offloading && m.device.is_cuda();
-  auto keep = [&](const at::Tensor& x) {
-    if (!offload) return x;
-    at::Tensor host = at::empty(x.sizes(), x.options().device(at::kCPU).pinned_memory(true));
-    host.copy_(x, /*non_blocking=*/true);
-    return host;
-  };
-  auto restore = [&](const at::Tensor& x) { return offload ? x.to(m.device, /*non_blocking=*/true) : x; };
-  // Layers [0, recomputed) are checkpointed as above; the others (gradient_checkpointing_layers)
+  // activation_offloading the inputs wait in pinned host memory, copied on a side stream that
+  // overlaps the layers' compute (layer_input_offload.h); on a CPU device there is nothing to offload.
+  // Layers [0, recomputed) are checkpointed so; the others (gradient_checkpointing_layers)
   // keep their autograd graphs from this forward, trading memory for their recompute. A kept
   // layer's input is a leaf (its gradient is the next dh) and it stays gathered when sharded.
   const int64_t n_ckpt = t.config.gradient_checkpointing_layers;
   const size_t recomputed = n_ckpt < 0 ? L : std::min(L, static_cast<size_t>(n_ckpt));
-  std::vector<at::Tensor> inputs(L), rng(L), outputs(L);
+  LayerInputOffload kept_inputs(L, t.config.activation_offloading, m.device);
+  std::vector<at::Tensor> inputs(L), rng(L), outputs(L);  // inputs / outputs: the layers with graphs
   at::Tensor h = h0;
   for (size_t i = 0; i < L; ++i) {
     unshard(i, i + 1);  // all-gather layer i's NF4 bytes + LoRA shards; prefetch layer i + 1
     if (i < recomputed) {
       at::NoGradGuard no_grad;
-      inputs[i] = keep(h);
+      kept_inputs.keep(i, h);
       rng[i] = get_rng(m.device);
       h = decoder_layer(h, m.layers[i], m, attn, t.scratch, &t.lora.layers[i], true);
       if (fsdp && fsdp->options.reshard_after_forward && i + 1 < L) reshard_layer(*fsdp, i);
@@ -239,7 +233,8 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
     unshard(k, k - 1);  // prefetch in backward order (k - 1 wraps past 0 for k = 0: no layer, no-op)
     at::Tensor hin, out;
     if (k < recomputed) {
-      hin = restore(inputs[k]).detach().requires_grad_(k > 0);
+      hin = kept_inputs.take(k).detach().requires_grad_(k > 0);
+      if (k > 0) kept_inputs.prefetch(k - 1);  // comes back while this layer computes
       set_rng(m.device, rng[k]);  // the same dropout masks as the forward (preserve_rng_state)
       out = decoder_layer(hin, m.layers[k], m, attn, t.scratch, &t.lora.layers[k], true);
     } else {
