@@ -91,6 +91,7 @@ adam_epsilon: 1.0e-6
 max_grad_norm: 0.3
 gradient_checkpointing: false
 attention_backend: cudnn
+embedding_offloading: true
 bf16: false
 fp16: true
 device: cuda:1
@@ -141,6 +142,7 @@ resume_from_checkpoint: out/x/checkpoint-50
   CHECK(c.max_grad_norm == 0.3);
   CHECK_FALSE(c.gradient_checkpointing);
   CHECK(c.attention_backend == AttentionBackend::cudnn);
+  CHECK(c.embedding_offloading);
   CHECK(c.bf16 == Bf16Mode::off);
   CHECK(c.fp16);
   CHECK(c.device == "cuda:1");

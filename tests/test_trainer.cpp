@@ -205,6 +205,36 @@ TEST_CASE("trainer: activation offloading to pinned memory equals keeping the in
   for (size_t i = 0; i < on.params.size(); ++i) CHECK(max_abs_diff(on.params[i], off.params[i]) == 0.0);
 }
 
+TEST_CASE("trainer: the input embedding in pinned host memory equals keeping it on the GPU", "[train][cuda]") {
+  QLORA_REQUIRE_CUDA();
+  TempDir d("qlora_train");
+  write_fixture(d.path);
+  qlora::TrainerOptions o;
+  o.write_outputs = false;
+  const std::vector<std::string> common = {"device=cuda", "bf16=false", "micro_batch_size=2", "val_set_size=0.2"};
+  auto on_cfg = common, off_cfg = common;
+  on_cfg.push_back("embedding_offloading=true");
+  off_cfg.push_back("embedding_offloading=false");
+  qlora::Trainer on = qlora::make_trainer(config(d.path, on_cfg), o);
+  qlora::Trainer off = qlora::make_trainer(config(d.path, off_cfg), o);
+  // The fixture's model is untied, so the table moved; lm_head stayed on the GPU.
+  REQUIRE_FALSE(on.model.lm_head.is_same(on.model.embed_tokens));
+  CHECK(on.model.embed_tokens.device().is_cpu());
+  CHECK(on.model.embed_tokens.is_pinned());
+  CHECK(on.model.lm_head.is_cuda());
+  CHECK(off.model.embed_tokens.is_cuda());
+  std::vector<double> a, b;
+  for (int s = 0; s < 3; ++s) a.push_back(qlora::train_step(on).loss);
+  for (int s = 0; s < 3; ++s) b.push_back(qlora::train_step(off).loss);
+  // The same rows looked up: bitwise equal losses, parameters and evaluation.
+  for (int s = 0; s < 3; ++s) CHECK(a[s] == b[s]);
+  for (size_t i = 0; i < on.params.size(); ++i) CHECK(max_abs_diff(on.params[i], off.params[i]) == 0.0);
+  const std::optional<double> ev_on = qlora::evaluate(on), ev_off = qlora::evaluate(off);
+  REQUIRE(ev_on.has_value());
+  REQUIRE(ev_off.has_value());
+  CHECK(*ev_on == *ev_off);
+}
+
 TEST_CASE("trainer: resume from step 10 equals the uninterrupted run bitwise (fp32 CPU)", "[train]") {
   TempDir d("qlora_train");
   write_fixture(d.path);

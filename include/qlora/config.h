@@ -70,6 +70,7 @@ struct TrainConfig {
   double max_grad_norm = 1.0;             // 0: no clipping
   bool gradient_checkpointing = true;
   bool activation_offloading = false;      // checkpointing: keep the layer inputs in pinned CPU memory
+  bool embedding_offloading = false;       // CUDA: the input embedding table in pinned CPU memory
   int64_t gradient_checkpointing_layers = -1;  // checkpointing: the first N layers recompute, the others
                                                // keep their activations (-1: every layer recomputes)
   bool fused_kernels = true;              // CUDA: fused RMSNorm / SwiGLU / RoPE kernels (false: ATen ops)

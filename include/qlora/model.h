@@ -150,6 +150,11 @@ struct ForwardInputs {
 // input dtype, then weight * x.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 
+// The embeddings of token ids [..] as [.., hidden] on model.device, wherever the table lives: on
+// the device, or in pinned host memory (the trainer's embedding_offloading), where the rows are
+// gathered on the host and only they travel.
+at::Tensor embed(const LlamaWeights& model, const at::Tensor& ids);
+
 // Process-wide (libtorch's SDPA priority order): the attention kernel tried first on CUDA; one that
 // cannot take the inputs (a mask, a head size) falls back to the next in libtorch's order. auto
 // restores libtorch's own order (flash, memory-efficient, math, cuDNN).

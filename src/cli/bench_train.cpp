@@ -74,6 +74,7 @@ struct TrainBenchOptions {
   double peak_tflops = 0;  // 0: from the device name (peak_tflops_for)
   bool no_profile = false;
   bool offload = false;      // activation_offloading: checkpointed layer inputs in pinned CPU memory
+  bool embedding_offload = false;  // embedding_offloading: the input embedding table in pinned CPU memory
   bool seq_search = false;   // find the longest --seq that trains (doubling until out of memory)
   int64_t max_seq = 262144;
   double gpu_memory_limit = 0;  // GiB the caching allocator may hold (an 80 GB card's budget on a larger one)
@@ -275,6 +276,7 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
   config.lr_scheduler = LrScheduler::constant;
   config.gradient_checkpointing = true;
   config.activation_offloading = o.offload;
+  config.embedding_offloading = o.embedding_offload;
   config.gradient_checkpointing_layers = o.checkpoint_layers;
   config.fused_kernels = !o.no_fused_kernels;
   config.attention_backend = o.attention;
@@ -314,11 +316,12 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
                                                                             : "auto";
   const char* dtype_label = mo.compute_dtype == at::kBFloat16 ? "bf16" : mo.compute_dtype == at::kHalf ? "fp16" : "fp32";
   std::printf("qlora bench train --shape %s on %s: %s base, compute %s, LoRA r %d (alpha %d) on all 7 projections, "
-              "batch %lld, gradient checkpointing%s%s%s%s%s; model built in %.1f s\n",
+              "batch %lld, gradient checkpointing%s%s%s%s%s%s; model built in %.1f s\n",
               o.shape.c_str(), device_name.c_str(), mo.load_in_4bit ? "NF4" : "16-bit", dtype_label, o.rank, 2 * o.rank,
               static_cast<long long>(r.batch),
               o.checkpoint_layers >= 0 ? (" of the first " + std::to_string(o.checkpoint_layers) + " layers").c_str() : "",
-              o.offload ? " + activation offloading" : "", o.no_fused_kernels ? ", fused kernels off" : "",
+              o.offload ? " + activation offloading" : "", o.embedding_offload ? ", embedding in host memory" : "",
+              o.no_fused_kernels ? ", fused kernels off" : "",
               o.attention == AttentionBackend::auto_ ? "" : (std::string(", ") + attention_name + " attention first").c_str(),
               o.prompt_fraction > 0 ? (", the first " + std::to_string(static_cast<int>(100 * o.prompt_fraction + 0.5)) +
                                        " % of each row a masked prompt").c_str()
@@ -326,7 +329,7 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
               build_s);
   std::fflush(stdout);
   json out = {{"shape", o.shape}, {"device", device_name}, {"dtype", dtype_label}, {"nf4", mo.load_in_4bit},
-              {"rank", o.rank},   {"batch", r.batch},      {"offload", o.offload},
+              {"rank", o.rank},   {"batch", r.batch},      {"offload", o.offload}, {"embedding_offload", o.embedding_offload},
               {"checkpoint_layers", o.checkpoint_layers}, {"fused_kernels", !o.no_fused_kernels},
               {"attention", attention_name},
               {"prompt_fraction", o.prompt_fraction}};
@@ -459,6 +462,8 @@ BenchTrainFn add_bench_train_options(CLI::App& bench, std::shared_ptr<const Benc
   bench.add_option("--peak-tflops", st->peak_tflops, "train: the device's peak TFLOP/s for MFU (default: from its name)");
   bench.add_flag("--no-profile", st->no_profile, "train: skip the profiled step (time split)");
   bench.add_flag("--offload", st->offload, "train: activation offloading (checkpointed layer inputs in pinned CPU memory)");
+  bench.add_flag("--embedding-offload", st->embedding_offload,
+                 "train: embedding offloading (the input embedding table in pinned CPU memory; untied models)");
   bench.add_flag("--seq-search", st->seq_search,
                  "train: the longest sequence that trains: from --seq, doubling until a step runs out of GPU memory");
   bench.add_option("--max-seq", st->max_seq, "train: where --seq-search stops")->capture_default_str();

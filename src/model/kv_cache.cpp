@@ -110,7 +110,7 @@ at::Tensor llama_forward_cached(const LlamaWeights& model, const at::Tensor& inp
     return m;
   };
 
-  at::Tensor h = at::embedding(model.embed_tokens, ids);
+  at::Tensor h = embed(model, ids);
   for (size_t i = 0; i < model.layers.size(); ++i) {
     const DecoderLayerWeights& layer = model.layers[i];
     const LoraLayer* adapters = lora ? &lora->layers[i] : nullptr;

@@ -78,6 +78,18 @@ AttentionInputs attention_inputs(const LlamaWeights& model, const at::Tensor& po
   return a;
 }
 
+at::Tensor embed(const LlamaWeights& model, const at::Tensor& ids) {
+  const at::Tensor& table = model.embed_tokens;
+  if (table.device() == model.device) return at::embedding(table, ids.to(model.device));
+  const at::Tensor host_ids = ids.to(at::kCPU).reshape({-1});
+  at::Tensor rows = at::empty({host_ids.size(0), table.size(1)}, table.options().pinned_memory(table.is_pinned()));
+  at::index_select_out(rows, table, 0, host_ids);
+  std::vector<int64_t> shape = ids.sizes().vec();
+  shape.push_back(table.size(1));
+  // The host allocator keeps the pinned rows until the copy has read them.
+  return rows.view(shape).to(model.device, /*non_blocking=*/true);
+}
+
 void set_attention_backend(AttentionBackend backend) {
   // libtorch's default order (ATen/Context.h) with the chosen backend moved to the front.
   std::vector<at::SDPBackend> order = {at::SDPBackend::flash_attention, at::SDPBackend::efficient_attention,
@@ -197,7 +209,7 @@ at::Tensor llama_hidden_states(const LlamaWeights& model, const ForwardInputs& i
                     std::to_string(model.layers.size()));
   const at::Tensor ids = inputs.input_ids.to(model.device);
   const int64_t batch = ids.size(0), seq = ids.size(1);
-  at::Tensor h = at::embedding(model.embed_tokens, ids);
+  at::Tensor h = embed(model, ids);
   const AttentionInputs attn = attention_inputs(model, inputs.position_ids, batch, seq);
   for (size_t i = 0; i < model.layers.size(); ++i)
     h = decoder_layer(h, model.layers[i], model, attn, scratch, lora ? &lora->layers[i] : nullptr, training);

@@ -253,6 +253,15 @@ Trainer build_trainer(const TrainConfig& config, const TrainerOptions& options, 
                " s)"));
 
   check_offload_fits_host(config, t.model, t.device, t.compute_dtype);
+  if (config.embedding_offloading && t.device.is_cuda()) {
+    if (t.model.lm_head.is_same(t.model.embed_tokens)) {
+      log_warn("embedding_offloading: the input embedding is tied to lm_head, which needs it on the GPU; it stays there");
+    } else {
+      t.model.embed_tokens = t.model.embed_tokens.to(at::kCPU).pin_memory();  // the GPU copy is freed here
+      log_info(cat("embedding_offloading: the ", fixed(static_cast<double>(t.model.embed_tokens.nbytes()) / (1 << 30), 2),
+                   " GiB input embedding table waits in pinned host memory"));
+    }
+  }
 
   t.batching.pad_id = 0;
   if (inputs.data) {

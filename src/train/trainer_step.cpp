@@ -162,14 +162,13 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
     unshard_layer(*fsdp, i, t.params);
     if (fsdp->options.prefetch) prefetch_layer(*fsdp, next, t.params);
   };
-  const at::Tensor ids = batch.input_ids.to(m.device);
   const at::Tensor pos = batch.position_ids.to(m.device);
   const at::Tensor targets = batch.target_ids.to(m.device);
-  const int64_t B = ids.size(0), T = ids.size(1);
+  const int64_t B = batch.input_ids.size(0), T = batch.input_ids.size(1);
   const size_t L = m.layers.size();
   enter_phase(t, TrainPhase::forward);
   const AttentionInputs attn = attention_inputs(m, pos, B, T);
-  const at::Tensor h0 = at::embedding(m.embed_tokens, ids);  // frozen: no gradient needed below it
+  const at::Tensor h0 = embed(m, batch.input_ids);  // frozen: no gradient needed below it
 
   if (!t.config.gradient_checkpointing) {
     // The plain autograd graph: every layer's activations stay until the backward.
@@ -368,9 +367,9 @@ std::optional<double> evaluate(Trainer& t) {
     at::Tensor h;
     AttentionInputs attn;
     if (batch) {
-      const at::Tensor ids = batch->input_ids.to(t.device), pos = batch->position_ids.to(t.device);
-      attn = attention_inputs(m, pos, ids.size(0), ids.size(1));
-      h = at::embedding(m.embed_tokens, ids);
+      const at::Tensor pos = batch->position_ids.to(t.device);
+      attn = attention_inputs(m, pos, batch->input_ids.size(0), batch->input_ids.size(1));
+      h = embed(m, batch->input_ids);
     }
     for (size_t i = 0; i < m.layers.size(); ++i) {
       if (fsdp) {
