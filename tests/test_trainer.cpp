@@ -235,6 +235,25 @@ TEST_CASE("trainer: the input embedding in pinned host memory equals keeping it 
   CHECK(*ev_on == *ev_off);
 }
 
+TEST_CASE("trainer: mlp_tile_tokens trains as the untiled MLP", "[train]") {
+  TempDir d("qlora_train");
+  write_fixture(d.path);
+  qlora::TrainerOptions o;
+  o.write_outputs = false;
+  const std::vector<std::string> common = {"micro_batch_size=2", "max_steps=3"};
+  auto tiled_cfg = common, plain_cfg = common;
+  tiled_cfg.push_back("mlp_tile_tokens=7");
+  qlora::Trainer tiled = qlora::make_trainer(config(d.path, tiled_cfg), o);
+  CHECK(qlora::mlp_tile_tokens() == 7);
+  std::vector<double> a, b;
+  for (int s = 0; s < 3; ++s) a.push_back(qlora::train_step(tiled).loss);
+  qlora::Trainer plain = qlora::make_trainer(config(d.path, plain_cfg), o);
+  CHECK(qlora::mlp_tile_tokens() == 0);
+  for (int s = 0; s < 3; ++s) b.push_back(qlora::train_step(plain).loss);
+  for (int s = 0; s < 3; ++s) CHECK(std::abs(a[s] - b[s]) <= 1e-5 * std::abs(b[s]));
+  for (size_t i = 0; i < tiled.params.size(); ++i) CHECK(max_abs_diff(tiled.params[i], plain.params[i]) < 1e-5);
+}
+
 TEST_CASE("trainer: resume from step 10 equals the uninterrupted run bitwise (fp32 CPU)", "[train]") {
   TempDir d("qlora_train");
   write_fixture(d.path);

@@ -155,6 +155,12 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 // gathered on the host and only they travel.
 at::Tensor embed(const LlamaWeights& model, const at::Tensor& ids);
 
+// Process-wide (config mlp_tile_tokens; default 0, off): with grad on, the decoder layers run
+// their MLP over tiles of this many rows (tokens), so that only one tile's intermediates exist at
+// once, at the price of the MLP's forward once more in the backward (long sequences).
+void set_mlp_tile_tokens(int64_t tokens);
+int64_t mlp_tile_tokens();
+
 // Process-wide (libtorch's SDPA priority order): the attention kernel tried first on CUDA; one that
 // cannot take the inputs (a mask, a head size) falls back to the next in libtorch's order. auto
 // restores libtorch's own order (flash, memory-efficient, math, cuDNN).

@@ -75,6 +75,7 @@ struct TrainBenchOptions {
   bool no_profile = false;
   bool offload = false;      // activation_offloading: checkpointed layer inputs in pinned CPU memory
   bool embedding_offload = false;  // embedding_offloading: the input embedding table in pinned CPU memory
+  int64_t mlp_tile_tokens = 0;     // mlp_tile_tokens: the layers' MLP over tiles of N tokens (0: off)
   bool seq_search = false;   // find the longest --seq that trains (doubling until out of memory)
   int64_t max_seq = 262144;
   double gpu_memory_limit = 0;  // GiB the caching allocator may hold (an 80 GB card's budget on a larger one)
@@ -277,6 +278,7 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
   config.gradient_checkpointing = true;
   config.activation_offloading = o.offload;
   config.embedding_offloading = o.embedding_offload;
+  config.mlp_tile_tokens = o.mlp_tile_tokens;
   config.gradient_checkpointing_layers = o.checkpoint_layers;
   config.fused_kernels = !o.no_fused_kernels;
   config.attention_backend = o.attention;
@@ -316,11 +318,12 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
                                                                             : "auto";
   const char* dtype_label = mo.compute_dtype == at::kBFloat16 ? "bf16" : mo.compute_dtype == at::kHalf ? "fp16" : "fp32";
   std::printf("qlora bench train --shape %s on %s: %s base, compute %s, LoRA r %d (alpha %d) on all 7 projections, "
-              "batch %lld, gradient checkpointing%s%s%s%s%s%s; model built in %.1f s\n",
+              "batch %lld, gradient checkpointing%s%s%s%s%s%s%s; model built in %.1f s\n",
               o.shape.c_str(), device_name.c_str(), mo.load_in_4bit ? "NF4" : "16-bit", dtype_label, o.rank, 2 * o.rank,
               static_cast<long long>(r.batch),
               o.checkpoint_layers >= 0 ? (" of the first " + std::to_string(o.checkpoint_layers) + " layers").c_str() : "",
               o.offload ? " + activation offloading" : "", o.embedding_offload ? ", embedding in host memory" : "",
+              o.mlp_tile_tokens > 0 ? (", MLP in tiles of " + std::to_string(o.mlp_tile_tokens) + " tokens").c_str() : "",
               o.no_fused_kernels ? ", fused kernels off" : "",
               o.attention == AttentionBackend::auto_ ? "" : (std::string(", ") + attention_name + " attention first").c_str(),
               o.prompt_fraction > 0 ? (", the first " + std::to_string(static_cast<int>(100 * o.prompt_fraction + 0.5)) +
@@ -329,7 +332,7 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
               build_s);
   std::fflush(stdout);
   json out = {{"shape", o.shape}, {"device", device_name}, {"dtype", dtype_label}, {"nf4", mo.load_in_4bit},
-              {"rank", o.rank},   {"batch", r.batch},      {"offload", o.offload}, {"embedding_offload", o.embedding_offload},
+              {"rank", o.rank},   {"batch", r.batch},      {"offload", o.offload}, {"embedding_offload", o.embedding_offload}, {"mlp_tile_tokens", o.mlp_tile_tokens},
               {"checkpoint_layers", o.checkpoint_layers}, {"fused_kernels", !o.no_fused_kernels},
               {"attention", attention_name},
               {"prompt_fraction", o.prompt_fraction}};
@@ -464,6 +467,9 @@ BenchTrainFn add_bench_train_options(CLI::App& bench, std::shared_ptr<const Benc
   bench.add_flag("--offload", st->offload, "train: activation offloading (checkpointed layer inputs in pinned CPU memory)");
   bench.add_flag("--embedding-offload", st->embedding_offload,
                  "train: embedding offloading (the input embedding table in pinned CPU memory; untied models)");
+  bench.add_option("--mlp-tile-tokens", st->mlp_tile_tokens,
+                   "train: each layer's MLP over tiles of N tokens (mlp_tile_tokens; long sequences); 0: off")
+      ->capture_default_str();
   bench.add_flag("--seq-search", st->seq_search,
                  "train: the longest sequence that trains: from --seq, doubling until a step runs out of GPU memory");
   bench.add_option("--max-seq", st->max_seq, "train: where --seq-search stops")->capture_default_str();

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <functional>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -17,6 +18,8 @@ namespace qlora {
 
 struct NF4Tensor;
 struct DequantScratch;
+struct LoraLinear;
+struct LoraLayer;
 
 // cos/sin [B, T, head_dim] in `dtype` for int64 position ids [B, T] (rope.cpp).
 std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, double attention_scaling,
@@ -37,6 +40,18 @@ LayerQKV decoder_layer_qkv(const at::Tensor& h, const DecoderLayerWeights& layer
 // h + o_proj(attn_out), then + mlp(norm(.)); attn_out [B, heads, T, head_dim] (SDPA's output).
 at::Tensor decoder_layer_output(const at::Tensor& h, const at::Tensor& attn_out, const DecoderLayerWeights& layer,
                                 const LlamaWeights& model, DequantScratch& scratch, const LoraLayer* lora, bool training);
+// One projection of a decoder layer (llama.cpp): the base alone without adapters (linear_forward),
+// else lora_linear_forward with this layer's adapter for it (or none).
+at::Tensor project(const at::Tensor& in, const LinearWeight& w, const LoraLayer* lora,
+                   std::optional<LoraLinear> LoraLayer::*adapter, DequantScratch& scratch, bool training);
+// The SwiGLU MLP of y (llama.cpp): down(silu(gate(y)) * up(y)).
+at::Tensor mlp(const at::Tensor& y, const DecoderLayerWeights& layer, const LlamaWeights& model, DequantScratch& scratch,
+               const LoraLayer* lora, bool training);
+// The same over tiles of `tile_tokens` rows (tiled_mlp.cpp): only one tile's intermediates exist at
+// once; the backward recomputes each tile's forward.
+at::Tensor tiled_mlp(const at::Tensor& y, const DecoderLayerWeights& layer, const LlamaWeights& model,
+                     DequantScratch& scratch, const LoraLayer* lora, bool training, int64_t tile_tokens);
+
 // SDPA over q [B, heads, Tq, D] and k/v [B, kv_heads, Tk, D] (grouped-query: query head h reads KV
 // head h / (heads / kv_heads)). mask: bool [B or 1, 1, Tq, Tk] (true = attend); undefined: causal
 // when Tq > 1 (Tq == Tk), and every key when Tq == 1.

@@ -126,18 +126,21 @@ at::Tensor grouped_attention(const at::Tensor& q, const at::Tensor& k, const at:
   return at::scaled_dot_product_attention(q, repeat(k), repeat(v), mask, 0.0, /*is_causal=*/false, scale);
 }
 
-namespace {
-
-// One projection: the base alone without adapters (exactly linear_forward, bit for bit), else
-// lora_linear_forward with this layer's adapter for it (or none).
 at::Tensor project(const at::Tensor& in, const LinearWeight& w, const LoraLayer* lora,
                    std::optional<LoraLinear> LoraLayer::*adapter, DequantScratch& scratch, bool training) {
-  if (lora == nullptr) return linear_forward(in, w, scratch);
+  if (lora == nullptr) return linear_forward(in, w, scratch);  // exactly linear_forward, bit for bit
   const std::optional<LoraLinear>& a = lora->*adapter;
   return lora_linear_forward(in, w, a ? &*a : nullptr, scratch, training);
 }
 
-}  // namespace
+at::Tensor mlp(const at::Tensor& y, const DecoderLayerWeights& layer, const LlamaWeights& model, DequantScratch& scratch,
+               const LoraLayer* lora, bool training) {
+  (void)model;
+  const at::Tensor gate = project(y, layer.gate_proj, lora, &LoraLayer::gate_proj, scratch, training);
+  const at::Tensor up = project(y, layer.up_proj, lora, &LoraLayer::up_proj, scratch, training);
+  const at::Tensor act = use_fused_kernels(gate) ? swiglu_fused(gate, up) : at::silu(gate) * up;
+  return project(act, layer.down_proj, lora, &LoraLayer::down_proj, scratch, training);
+}
 
 LayerQKV decoder_layer_qkv(const at::Tensor& h, const DecoderLayerWeights& layer, const LlamaWeights& model,
                            const at::Tensor& cos, const at::Tensor& sin, DequantScratch& scratch, const LoraLayer* lora,
@@ -162,10 +165,10 @@ at::Tensor decoder_layer_output(const at::Tensor& h, const at::Tensor& attn_out,
   const at::Tensor after_attn = h + project(o, layer.o_proj, lora, &LoraLayer::o_proj, scratch, training);
 
   const at::Tensor y = rms_norm(after_attn, layer.post_attention_layernorm, c.rms_norm_eps);
-  const at::Tensor gate = project(y, layer.gate_proj, lora, &LoraLayer::gate_proj, scratch, training);
-  const at::Tensor up = project(y, layer.up_proj, lora, &LoraLayer::up_proj, scratch, training);
-  const at::Tensor act = use_fused_kernels(gate) ? swiglu_fused(gate, up) : at::silu(gate) * up;
-  return after_attn + project(act, layer.down_proj, lora, &LoraLayer::down_proj, scratch, training);
+  const int64_t tile = mlp_tile_tokens();
+  const bool tiled = tile > 0 && y.numel() / y.size(-1) > tile;  // with or without grad: one tile at a time
+  return after_attn + (tiled ? tiled_mlp(y, layer, model, scratch, lora, training, tile)
+                             : mlp(y, layer, model, scratch, lora, training));
 }
 
 at::Tensor decoder_layer(const at::Tensor& h, const DecoderLayerWeights& layer, const LlamaWeights& model,

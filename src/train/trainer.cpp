@@ -227,6 +227,7 @@ Trainer build_trainer(const TrainConfig& config, const TrainerOptions& options, 
   t.compute_dtype = resolve_compute_dtype(config, t.device);
   set_fused_kernels(config.fused_kernels);
   set_attention_backend(config.attention_backend);
+  set_mlp_tile_tokens(config.mlp_tile_tokens);
   const bool sharded = comm != nullptr;
   t.comm = sharded ? std::move(comm) : make_single_rank_collective();
   at::manual_seed(static_cast<uint64_t>(config.seed));  // dropout masks: same seed, same curve

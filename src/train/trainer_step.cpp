@@ -102,6 +102,8 @@ std::string out_of_memory_message(const Trainer& t, const std::string& what) {
     if (c.micro_batch_size > 1) fixes.push_back(cat("micro_batch_size (", c.micro_batch_size, ")"));
     fixes.push_back(cat("sequence_len (", c.sequence_len, ")"));
     if (c.gradient_checkpointing && !c.activation_offloading) fixes.push_back("activation_offloading: true");
+    if (c.mlp_tile_tokens == 0 && c.sequence_len * c.micro_batch_size >= 32768)
+      fixes.push_back("mlp_tile_tokens: 8192 (the MLP over tiles of tokens)");
     if (t.phase == TrainPhase::optimizer || c.lora_r > 16) fixes.push_back(cat("lora_r (", c.lora_r, ")"));
   }
   std::string lower;

@@ -1,0 +1,124 @@
+// The SwiGLU MLP over tiles of rows (mlp_tile_tokens): the MLP treats every token on its own, so
+// running it on a tile of rows at a time gives the same rows. At long sequences its three
+// intermediates (gate, up, silu(gate) * up: rows x intermediate each, 7.5 GB apiece at 262,144
+// tokens of Llama-3-8B) are the largest tensors of a layer; tiled, only one tile's exist at once.
+// The forward keeps nothing but its input; the backward recomputes each tile with grad on and runs
+// that tile's backward (the LoRA gradients accumulate into the parameters' .grad as in any
+// backward), so the MLP's forward runs once more -- the price of the memory, paid only when on.
+// Dropout: each tile's masks come from the RNG state recorded before that tile in the forward.
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <atomic>
+#include <mutex>
+#include <vector>
+
+#include "model/internal.h"
+#include "qlora/lora.h"
+#include "qlora/model.h"
+
+namespace qlora {
+
+namespace {
+
+std::atomic<int64_t> g_mlp_tile_tokens{0};
+
+at::Generator generator_of(const at::Device& device) {
+  return device.is_cuda() ? at::globalContext().defaultGenerator(device) : at::detail::getDefaultCPUGenerator();
+}
+at::Tensor rng_state(const at::Device& device) {
+  at::Generator gen = generator_of(device);
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+void set_rng_state(const at::Device& device, const at::Tensor& state) {
+  at::Generator gen = generator_of(device);
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state);
+}
+
+bool draws_dropout(const LoraLayer* lora, bool training) {
+  if (lora == nullptr || !training) return false;
+  for (const auto* a : {&lora->gate_proj, &lora->up_proj, &lora->down_proj})
+    if (*a && (*a)->dropout > 0.0) return true;
+  return false;
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Every pointer argument must outlive the backward (the trainer's model, scratch and adapters do;
+// the LoRA linear keeps its scratch the same way).
+struct TiledMlpFunction : public torch::autograd::Function<TiledMlpFunction> {
+  // y [..., hidden]; returns mlp(y), y's shape.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const DecoderLayerWeights* layer,
+                            const LlamaWeights* model, DequantScratch* scratch, const LoraLayer* lora, bool training,
+                            int64_t tile) {
+    const int64_t H = y.size(-1);
+    const at::Tensor rows = y.reshape({-1, H});
+    const int64_t n = rows.size(0);
+    at::Tensor out = at::empty_like(rows);
+    const bool rng = draws_dropout(lora, training);
+    std::vector<at::Tensor> states;
+    for (int64_t s = 0; s < n; s += tile) {
+      const int64_t len = std::min(tile, n - s);
+      if (rng) states.push_back(rng_state(y.device()));
+      out.narrow(0, s, len).copy_(mlp(rows.narrow(0, s, len), *layer, *model, *scratch, lora, training));
+    }
+    ctx->save_for_backward({y});
+    auto& d = ctx->saved_data;
+    d["layer"] = static_cast<int64_t>(reinterpret_cast<intptr_t>(layer));
+    d["model"] = static_cast<int64_t>(reinterpret_cast<intptr_t>(model));
+    d["scratch"] = static_cast<int64_t>(reinterpret_cast<intptr_t>(scratch));
+    d["lora"] = static_cast<int64_t>(reinterpret_cast<intptr_t>(lora));
+    d["training"] = training;
+    d["tile"] = tile;
+    d["states"] = states;
+    return out.view(y.sizes());
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const at::Tensor y = ctx->get_saved_variables()[0];
+    auto& d = ctx->saved_data;
+    auto ptr = [&d](const char* key) { return reinterpret_cast<void*>(static_cast<intptr_t>(d[key].toInt())); };
+    const auto& layer = *static_cast<const DecoderLayerWeights*>(ptr("layer"));
+    const auto& model = *static_cast<const LlamaWeights*>(ptr("model"));
+    auto& scratch = *static_cast<DequantScratch*>(ptr("scratch"));
+    const auto* lora = static_cast<const LoraLayer*>(ptr("lora"));
+    const bool training = d["training"].toBool();
+    const int64_t tile = d["tile"].toInt();
+    const std::vector<at::Tensor> states = d["states"].toTensorVector();
+    const int64_t H = y.size(-1);
+    const at::Tensor rows = y.reshape({-1, H}).detach();
+    const at::Tensor g = grad_outputs[0].reshape({-1, H});
+    const int64_t n = rows.size(0);
+    at::Tensor dy = at::empty_like(rows);
+    // The tiles' masks are replayed; the RNG is left as it was found.
+    const at::Tensor state_before = states.empty() ? at::Tensor() : rng_state(y.device());
+    at::AutoGradMode grad_on(true);
+    for (int64_t s = 0, t = 0; s < n; s += tile, ++t) {
+      const int64_t len = std::min(tile, n - s);
+      if (!states.empty()) set_rng_state(y.device(), states[static_cast<size_t>(t)]);
+      const at::Tensor in = rows.narrow(0, s, len).detach().requires_grad_(true);
+      const at::Tensor o = mlp(in, layer, model, scratch, lora, training);
+      torch::autograd::backward({o}, {g.narrow(0, s, len)});
+      dy.narrow(0, s, len).copy_(in.grad());
+    }
+    if (state_before.defined()) set_rng_state(y.device(), state_before);
+    return {dy.view(y.sizes()), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+void set_mlp_tile_tokens(int64_t tokens) { g_mlp_tile_tokens = tokens < 0 ? 0 : tokens; }
+int64_t mlp_tile_tokens() { return g_mlp_tile_tokens; }
+
+at::Tensor tiled_mlp(const at::Tensor& y, const DecoderLayerWeights& layer, const LlamaWeights& model,
+                     DequantScratch& scratch, const LoraLayer* lora, bool training, int64_t tile_tokens) {
+  return TiledMlpFunction::apply(y, &layer, &model, &scratch, lora, training, tile_tokens);
+}
+
+}  // namespace qlora
