@@ -258,6 +258,8 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
     throw UserError(std::string("qlora bench train: --prompt-fraction must be in [0, 1), found ") + found);
   }
   if (o.rank < 1) throw UserError("qlora bench train: --rank must be >= 1, found " + std::to_string(o.rank));
+  if (o.mlp_tile_tokens < 0)
+    throw UserError("qlora bench train: --mlp-tile-tokens must be >= 0 (0: off), found " + std::to_string(o.mlp_tile_tokens));
   if (o.steps < 1 || o.warmup < 0) throw UserError("qlora bench train: --steps must be >= 1 and --warmup >= 0");
   if (o.seq_search && r.device != "cuda")
     throw UserError("qlora bench train: --seq-search finds the longest sequence that fits in GPU memory: needs --device cuda");
