@@ -45,12 +45,12 @@ at::Tensor decoder_layer_output(const at::Tensor& h, const at::Tensor& attn_out,
 at::Tensor project(const at::Tensor& in, const LinearWeight& w, const LoraLayer* lora,
                    std::optional<LoraLinear> LoraLayer::*adapter, DequantScratch& scratch, bool training);
 // The SwiGLU MLP of y (llama.cpp): down(silu(gate(y)) * up(y)).
-at::Tensor mlp(const at::Tensor& y, const DecoderLayerWeights& layer, const LlamaWeights& model, DequantScratch& scratch,
-               const LoraLayer* lora, bool training);
+at::Tensor mlp(const at::Tensor& y, const DecoderLayerWeights& layer, DequantScratch& scratch, const LoraLayer* lora,
+               bool training);
 // The same over tiles of `tile_tokens` rows (tiled_mlp.cpp): only one tile's intermediates exist at
 // once; the backward recomputes each tile's forward.
-at::Tensor tiled_mlp(const at::Tensor& y, const DecoderLayerWeights& layer, const LlamaWeights& model,
-                     DequantScratch& scratch, const LoraLayer* lora, bool training, int64_t tile_tokens);
+at::Tensor tiled_mlp(const at::Tensor& y, const DecoderLayerWeights& layer, DequantScratch& scratch,
+                     const LoraLayer* lora, bool training, int64_t tile_tokens);
 
 // SDPA over q [B, heads, Tq, D] and k/v [B, kv_heads, Tk, D] (grouped-query: query head h reads KV
 // head h / (heads / kv_heads)). mask: bool [B or 1, 1, Tq, Tk] (true = attend); undefined: causal

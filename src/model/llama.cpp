@@ -133,9 +133,8 @@ at::Tensor project(const at::Tensor& in, const LinearWeight& w, const LoraLayer*
   return lora_linear_forward(in, w, a ? &*a : nullptr, scratch, training);
 }
 
-at::Tensor mlp(const at::Tensor& y, const DecoderLayerWeights& layer, const LlamaWeights& model, DequantScratch& scratch,
-               const LoraLayer* lora, bool training) {
-  (void)model;
+at::Tensor mlp(const at::Tensor& y, const DecoderLayerWeights& layer, DequantScratch& scratch, const LoraLayer* lora,
+               bool training) {
   const at::Tensor gate = project(y, layer.gate_proj, lora, &LoraLayer::gate_proj, scratch, training);
   const at::Tensor up = project(y, layer.up_proj, lora, &LoraLayer::up_proj, scratch, training);
   const at::Tensor act = use_fused_kernels(gate) ? swiglu_fused(gate, up) : at::silu(gate) * up;
@@ -167,8 +166,7 @@ at::Tensor decoder_layer_output(const at::Tensor& h, const at::Tensor& attn_out,
   const at::Tensor y = rms_norm(after_attn, layer.post_attention_layernorm, c.rms_norm_eps);
   const int64_t tile = mlp_tile_tokens();
   const bool tiled = tile > 0 && y.numel() / y.size(-1) > tile;  // with or without grad: one tile at a time
-  return after_attn + (tiled ? tiled_mlp(y, layer, model, scratch, lora, training, tile)
-                             : mlp(y, layer, model, scratch, lora, training));
+  return after_attn + (tiled ? tiled_mlp(y, layer, scratch, lora, training, tile) : mlp(y, layer, scratch, lora, training));
 }
 
 at::Tensor decoder_layer(const at::Tensor& h, const DecoderLayerWeights& layer, const LlamaWeights& model,

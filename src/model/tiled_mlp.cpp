@@ -54,8 +54,7 @@ using torch::autograd::variable_list;
 struct TiledMlpFunction : public torch::autograd::Function<TiledMlpFunction> {
   // y [..., hidden]; returns mlp(y), y's shape.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const DecoderLayerWeights* layer,
-                            const LlamaWeights* model, DequantScratch* scratch, const LoraLayer* lora, bool training,
-                            int64_t tile) {
+                            DequantScratch* scratch, const LoraLayer* lora, bool training, int64_t tile) {
     const int64_t H = y.size(-1);
     const at::Tensor rows = y.reshape({-1, H});
     const int64_t n = rows.size(0);
@@ -65,12 +64,11 @@ struct TiledMlpFunction : public torch::autograd::Function<TiledMlpFunction> {
     for (int64_t s = 0; s < n; s += tile) {
       const int64_t len = std::min(tile, n - s);
       if (rng) states.push_back(rng_state(y.device()));
-      out.narrow(0, s, len).copy_(mlp(rows.narrow(0, s, len), *layer, *model, *scratch, lora, training));
+      out.narrow(0, s, len).copy_(mlp(rows.narrow(0, s, len), *layer, *scratch, lora, training));
     }
     ctx->save_for_backward({y});
     auto& d = ctx->saved_data;
     d["layer"] = static_cast<int64_t>(reinterpret_cast<intptr_t>(layer));
-    d["model"] = static_cast<int64_t>(reinterpret_cast<intptr_t>(model));
     d["scratch"] = static_cast<int64_t>(reinterpret_cast<intptr_t>(scratch));
     d["lora"] = static_cast<int64_t>(reinterpret_cast<intptr_t>(lora));
     d["training"] = training;
@@ -84,7 +82,6 @@ struct TiledMlpFunction : public torch::autograd::Function<TiledMlpFunction> {
     auto& d = ctx->saved_data;
     auto ptr = [&d](const char* key) { return reinterpret_cast<void*>(static_cast<intptr_t>(d[key].toInt())); };
     const auto& layer = *static_cast<const DecoderLayerWeights*>(ptr("layer"));
-    const auto& model = *static_cast<const LlamaWeights*>(ptr("model"));
     auto& scratch = *static_cast<DequantScratch*>(ptr("scratch"));
     const auto* lora = static_cast<const LoraLayer*>(ptr("lora"));
     const bool training = d["training"].toBool();
@@ -102,12 +99,12 @@ struct TiledMlpFunction : public torch::autograd::Function<TiledMlpFunction> {
       const int64_t len = std::min(tile, n - s);
       if (!states.empty()) set_rng_state(y.device(), states[static_cast<size_t>(t)]);
       const at::Tensor in = rows.narrow(0, s, len).detach().requires_grad_(true);
-      const at::Tensor o = mlp(in, layer, model, scratch, lora, training);
+      const at::Tensor o = mlp(in, layer, scratch, lora, training);
       torch::autograd::backward({o}, {g.narrow(0, s, len)});
       dy.narrow(0, s, len).copy_(in.grad());
     }
     if (state_before.defined()) set_rng_state(y.device(), state_before);
-    return {dy.view(y.sizes()), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dy.view(y.sizes()), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -116,9 +113,9 @@ struct TiledMlpFunction : public torch::autograd::Function<TiledMlpFunction> {
 void set_mlp_tile_tokens(int64_t tokens) { g_mlp_tile_tokens = tokens < 0 ? 0 : tokens; }
 int64_t mlp_tile_tokens() { return g_mlp_tile_tokens; }
 
-at::Tensor tiled_mlp(const at::Tensor& y, const DecoderLayerWeights& layer, const LlamaWeights& model,
-                     DequantScratch& scratch, const LoraLayer* lora, bool training, int64_t tile_tokens) {
-  return TiledMlpFunction::apply(y, &layer, &model, &scratch, lora, training, tile_tokens);
+at::Tensor tiled_mlp(const at::Tensor& y, const DecoderLayerWeights& layer, DequantScratch& scratch,
+                     const LoraLayer* lora, bool training, int64_t tile_tokens) {
+  return TiledMlpFunction::apply(y, &layer, &scratch, lora, training, tile_tokens);
 }
 
 }  // namespace qlora
