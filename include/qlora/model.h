@@ -155,6 +155,11 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 // gathered on the host and only they travel.
 at::Tensor embed(const LlamaWeights& model, const at::Tensor& ids);
 
+// The state of the default random generator of `device` (CPU or CUDA), and setting it back: how
+// recomputed forwards (checkpointed layers, MLP tiles) replay the dropout masks of the first one.
+at::Tensor rng_state(const at::Device& device);
+void set_rng_state(const at::Device& device, const at::Tensor& state);
+
 // Process-wide (config mlp_tile_tokens; default 0, off): with grad on, the decoder layers run
 // their MLP over tiles of this many rows (tokens), so that only one tile's intermediates exist at
 // once, at the price of the MLP's forward once more in the backward (long sequences).

@@ -25,20 +25,6 @@ namespace {
 
 std::atomic<int64_t> g_mlp_tile_tokens{0};
 
-at::Generator generator_of(const at::Device& device) {
-  return device.is_cuda() ? at::globalContext().defaultGenerator(device) : at::detail::getDefaultCPUGenerator();
-}
-at::Tensor rng_state(const at::Device& device) {
-  at::Generator gen = generator_of(device);
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  return gen.get_state();
-}
-void set_rng_state(const at::Device& device, const at::Tensor& state) {
-  at::Generator gen = generator_of(device);
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  gen.set_state(state);
-}
-
 bool draws_dropout(const LoraLayer* lora, bool training) {
   if (lora == nullptr || !training) return false;
   for (const auto* a : {&lora->gate_proj, &lora->up_proj, &lora->down_proj})
@@ -109,6 +95,24 @@ struct TiledMlpFunction : public torch::autograd::Function<TiledMlpFunction> {
 };
 
 }  // namespace
+
+namespace {
+at::Generator generator_of(const at::Device& device) {
+  return device.is_cuda() ? at::globalContext().defaultGenerator(device) : at::detail::getDefaultCPUGenerator();
+}
+}  // namespace
+
+at::Tensor rng_state(const at::Device& device) {
+  at::Generator gen = generator_of(device);
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+
+void set_rng_state(const at::Device& device, const at::Tensor& state) {
+  at::Generator gen = generator_of(device);
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state);
+}
 
 void set_mlp_tile_tokens(int64_t tokens) { g_mlp_tile_tokens = tokens < 0 ? 0 : tokens; }
 int64_t mlp_tile_tokens() { return g_mlp_tile_tokens; }

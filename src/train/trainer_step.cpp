@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -27,23 +26,6 @@
 namespace qlora {
 
 namespace {
-
-at::Generator device_generator(const at::Device& device) {
-  if (device.is_cuda()) return at::globalContext().defaultGenerator(device);
-  return at::detail::getDefaultCPUGenerator();
-}
-
-at::Tensor get_rng(const at::Device& device) {
-  at::Generator gen = device_generator(device);
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  return gen.get_state();
-}
-
-void set_rng(const at::Device& device, const at::Tensor& state) {
-  at::Generator gen = device_generator(device);
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  gen.set_state(state);
-}
 
 // The loss of final hidden states h [B, T, H]: sum of token losses / normalizer.
 at::Tensor head_loss(const Trainer& t, const at::Tensor& h, const at::Tensor& targets, double normalizer) {
@@ -208,7 +190,7 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
     if (i < recomputed) {
       at::NoGradGuard no_grad;
       kept_inputs.keep(i, h);
-      rng[i] = get_rng(m.device);
+      rng[i] = rng_state(m.device);
       h = decoder_layer(h, m.layers[i], m, attn, t.scratch, &t.lora.layers[i], true);
       if (fsdp && fsdp->options.reshard_after_forward && i + 1 < L) reshard_layer(*fsdp, i);
       // (the last layer stays gathered: the backward starts with it)
@@ -218,7 +200,7 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
       h = outputs[i].detach();
     }
   }
-  const at::Tensor rng_after_forward = get_rng(m.device);
+  const at::Tensor rng_after_forward = rng_state(m.device);
 
   // Loss on the last hidden state, as a leaf: its gradient is the first upstream gradient.
   enter_phase(t, TrainPhase::loss);
@@ -236,7 +218,7 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
     if (k < recomputed) {
       hin = kept_inputs.take(k).detach().requires_grad_(k > 0);
       if (k > 0) kept_inputs.prefetch(k - 1);  // comes back while this layer computes
-      set_rng(m.device, rng[k]);  // the same dropout masks as the forward (preserve_rng_state)
+      set_rng_state(m.device, rng[k]);  // the same dropout masks as the forward (preserve_rng_state)
       out = decoder_layer(hin, m.layers[k], m, attn, t.scratch, &t.lora.layers[k], true);
     } else {
       hin = inputs[k];
@@ -250,7 +232,7 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
     if (k > 0) dh = hin.grad();
     inputs[k] = at::Tensor();  // free the kept input as soon as it is used
   }
-  set_rng(m.device, rng_after_forward);  // as if the forward had run once, with grad
+  set_rng_state(m.device, rng_after_forward);  // as if the forward had run once, with grad
   return loss.detach();
 }
 
