@@ -97,7 +97,8 @@ at::Tensor LayerInputOffload::take(size_t i) {
   }
 #ifdef QLORA_WITH_CUDA
   prefetch(i);
-  s.arrived.at(i)->block(c10::cuda::getCurrentCUDAStream(s.device.index()));
+  TORCH_CHECK(s.arrived.at(i).has_value(), "LayerInputOffload: layer ", i, "'s input was never kept");
+  s.arrived[i]->block(c10::cuda::getCurrentCUDAStream(s.device.index()));
   s.arrived[i].reset();
   out = std::move(s.fetched[i]);
   s.fetched[i] = at::Tensor();
