@@ -6,6 +6,7 @@
 // that tile's backward (the LoRA gradients accumulate into the parameters' .grad as in any
 // backward), so the MLP's forward runs once more -- the price of the memory, paid only when on.
 // Dropout: each tile's masks come from the RNG state recorded before that tile in the forward.
+// Also here: rng_state / set_rng_state (model.h), which the trainer's checkpointed layers share.
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/autograd.h>
