@@ -254,6 +254,32 @@ TEST_CASE("trainer: mlp_tile_tokens trains as the untiled MLP", "[train]") {
   for (size_t i = 0; i < tiled.params.size(); ++i) CHECK(max_abs_diff(tiled.params[i], plain.params[i]) < 1e-5);
 }
 
+TEST_CASE("trainer: the recompute without its unread outputs equals the full recompute bitwise", "[train]") {
+  TempDir d("qlora_train");
+  write_fixture(d.path);
+  const std::vector<std::string> cfg = {"lora_dropout=0.1", "micro_batch_size=2", "gradient_checkpointing=true"};
+  qlora::TrainerOptions skip, full;
+  skip.write_outputs = full.write_outputs = false;
+  full.recompute_unread_outputs = true;
+  qlora::Trainer a = qlora::make_trainer(config(d.path, cfg), skip);
+  qlora::Trainer b = qlora::make_trainer(config(d.path, cfg), full);
+  for (qlora::Trainer* t : {&a, &b}) {
+    at::NoGradGuard ng;
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(3);
+    for (at::Tensor& p : t->params) p.add_(at::randn(p.sizes(), gen) * 0.05);  // B != 0: every path matters
+  }
+  at::manual_seed(99);
+  const qlora::Batch batch = qlora::make_train_batch(a, {4, 5});
+  const double la = qlora::forward_backward(a, batch, 50.0).item<double>();
+  at::manual_seed(99);
+  const double lb = qlora::forward_backward(b, batch, 50.0).item<double>();
+  CHECK(la == lb);
+  for (size_t i = 0; i < a.params.size(); ++i) {
+    CAPTURE(a.param_names[i]);
+    CHECK(at::equal(a.params[i].grad(), b.params[i].grad()));
+  }
+}
+
 TEST_CASE("trainer: resume from step 10 equals the uninterrupted run bitwise (fp32 CPU)", "[train]") {
   TempDir d("qlora_train");
   write_fixture(d.path);

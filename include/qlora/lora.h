@@ -92,8 +92,12 @@ int64_t lora_parameter_count(const LoraModel& lora);
 // compute dtype), X A^T ([..., r]) and the masters; not W. The backward dequantizes an NF4 W again
 // into `scratch`, which must therefore outlive the backward (the trainer's one scratch per device).
 // lora == nullptr: the base alone (NF4 through the same scratch-reusing backward).
+// output_read = false (with grad on, NF4 or LoRA): the caller only runs the backward through the
+// result and never reads it (a checkpointed layer's recompute of its last projection), so the
+// forward skips the dequant and the base GEMM; the result has y's shape and zero strides, its
+// values unspecified. The gradients are the same as with output_read = true.
 at::Tensor lora_linear_forward(const at::Tensor& x, const LinearWeight& base, const LoraLinear* lora,
-                               DequantScratch& scratch, bool training);
+                               DequantScratch& scratch, bool training, bool output_read = true);
 
 // ---- PEFT adapter files (src/io/peft_adapter.cpp) ----
 

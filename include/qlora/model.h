@@ -198,6 +198,19 @@ at::Tensor decoder_layer(const at::Tensor& h, const DecoderLayerWeights& layer, 
                          const AttentionInputs& attn, DequantScratch& scratch, const LoraLayer* lora = nullptr,
                          bool training = false);
 
+// decoder_layer(h) for a backward only (a checkpointed layer's recompute, with grad on): the two
+// terms of its last residual add, never summed, and the MLP's last projection (down_proj) not
+// computed, since a backward reads only its input: `mlp` has the MLP output's shape and
+// unspecified values. torch::autograd::backward({t.residual, t.mlp}, {dh, dh}) gives exactly the
+// gradients of decoder_layer(h).backward(dh), without down_proj's dequant and GEMM and the add.
+struct DecoderLayerTerms {
+  at::Tensor residual;  // h + o_proj(attention)
+  at::Tensor mlp;       // mlp(norm(residual)), for backward only
+};
+DecoderLayerTerms decoder_layer_for_backward(const at::Tensor& h, const DecoderLayerWeights& layer,
+                                             const LlamaWeights& model, const AttentionInputs& attn,
+                                             DequantScratch& scratch, const LoraLayer* lora, bool training);
+
 // Final-norm hidden states [B, T, hidden] in the compute dtype. lora: adapters for every layer
 // (lora->layers.size() == layers.size()), or nullptr for the base model; training: LoRA dropout.
 at::Tensor llama_hidden_states(const LlamaWeights& model, const ForwardInputs& inputs, DequantScratch& scratch,

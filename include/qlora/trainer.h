@@ -37,6 +37,9 @@ struct TrainerOptions {
   int64_t throw_at_step = -1;          // test hook: this rank throws before step N+1 (launcher tests)
   std::string inject_oom_phase;        // test hook: "load", "forward", "loss", "backward" or
                                        // "optimizer": a c10::OutOfMemoryError when that phase starts
+  bool recompute_unread_outputs = false;  // measurement switch: a checkpointed layer's recompute
+                                          // also runs down_proj and the last residual add, whose
+                                          // result the backward never reads (the way before 2026-12-07)
 };
 
 // The phases of training an out-of-memory error is reported in (OutOfMemory, exit status 3).

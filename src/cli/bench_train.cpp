@@ -81,6 +81,7 @@ struct TrainBenchOptions {
   double gpu_memory_limit = 0;  // GiB the caching allocator may hold (an 80 GB card's budget on a larger one)
   int64_t checkpoint_layers = -1;  // gradient_checkpointing_layers: the first N layers recompute (-1: all)
   bool no_fused_kernels = false;   // fused_kernels: false (the ATen ops instead of the fused kernels)
+  bool recompute_unread = false;   // TrainerOptions::recompute_unread_outputs (the recompute as before 2026-12-07)
   double prompt_fraction = 0;      // the first fraction of each row has no loss (labels -100)
   int top_kernels = 8;             // the profiled step's most expensive "other" kernels, by name
   AttentionBackend attention = AttentionBackend::auto_;  // attention_backend: the SDPA kernel tried first
@@ -181,7 +182,7 @@ struct Measurement {
 };
 
 Measurement measure(const TrainConfig& base_config, const LlamaWeights& model, int64_t seq, int64_t batch, int steps,
-                    int warmup, bool profile, uint64_t seed, double prompt_fraction) {
+                    int warmup, bool profile, uint64_t seed, double prompt_fraction, bool recompute_unread) {
   TrainConfig config = base_config;
   config.sequence_len = static_cast<int>(seq);
   config.max_steps = warmup + steps + (profile ? 1 : 0);
@@ -206,6 +207,7 @@ Measurement measure(const TrainConfig& base_config, const LlamaWeights& model, i
   data.stats.trainable_tokens = rows * (seq - prompt);
   TrainerOptions topt;
   topt.write_outputs = false;
+  topt.recompute_unread_outputs = recompute_unread;
   TrainerInputs inputs;
   inputs.model = model;  // shares the weight tensors
   inputs.data = std::move(data);
@@ -320,13 +322,14 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
                                                                             : "auto";
   const char* dtype_label = mo.compute_dtype == at::kBFloat16 ? "bf16" : mo.compute_dtype == at::kHalf ? "fp16" : "fp32";
   std::printf("qlora bench train --shape %s on %s: %s base, compute %s, LoRA r %d (alpha %d) on all 7 projections, "
-              "batch %lld, gradient checkpointing%s%s%s%s%s%s%s; model built in %.1f s\n",
+              "batch %lld, gradient checkpointing%s%s%s%s%s%s%s%s; model built in %.1f s\n",
               o.shape.c_str(), device_name.c_str(), mo.load_in_4bit ? "NF4" : "16-bit", dtype_label, o.rank, 2 * o.rank,
               static_cast<long long>(r.batch),
               o.checkpoint_layers >= 0 ? (" of the first " + std::to_string(o.checkpoint_layers) + " layers").c_str() : "",
               o.offload ? " + activation offloading" : "", o.embedding_offload ? ", embedding in host memory" : "",
               o.mlp_tile_tokens > 0 ? (", MLP in tiles of " + std::to_string(o.mlp_tile_tokens) + " tokens").c_str() : "",
               o.no_fused_kernels ? ", fused kernels off" : "",
+              o.recompute_unread ? ", recompute of unread outputs" : "",
               o.attention == AttentionBackend::auto_ ? "" : (std::string(", ") + attention_name + " attention first").c_str(),
               o.prompt_fraction > 0 ? (", the first " + std::to_string(static_cast<int>(100 * o.prompt_fraction + 0.5)) +
                                        " % of each row a masked prompt").c_str()
@@ -336,6 +339,7 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
   json out = {{"shape", o.shape}, {"device", device_name}, {"dtype", dtype_label}, {"nf4", mo.load_in_4bit},
               {"rank", o.rank},   {"batch", r.batch},      {"offload", o.offload}, {"embedding_offload", o.embedding_offload}, {"mlp_tile_tokens", o.mlp_tile_tokens},
               {"checkpoint_layers", o.checkpoint_layers}, {"fused_kernels", !o.no_fused_kernels},
+              {"recompute_unread_outputs", o.recompute_unread},
               {"attention", attention_name},
               {"prompt_fraction", o.prompt_fraction}};
 
@@ -366,7 +370,8 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
         }
       }
       try {
-        const Measurement m = measure(config, model, seq, r.batch, 1, 1, false, r.seed, o.prompt_fraction);
+        const Measurement m = measure(config, model, seq, r.batch, 1, 1, false, r.seed, o.prompt_fraction,
+                                      o.recompute_unread);
         std::printf("  seq %7lld: fits, %.0f tokens/s, peak %.2f GiB\n", static_cast<long long>(seq), m.tokens_per_s,
                     static_cast<double>(m.peak_bytes) / (1 << 30));
         tried.push_back({{"seq", seq}, {"fits", true}, {"tokens_per_s", m.tokens_per_s}, {"peak_memory_bytes", m.peak_bytes}});
@@ -392,7 +397,8 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
                 static_cast<long long>(best ? best->seq : 0));
   } else {
     const bool profile = device.is_cuda() && !o.no_profile;
-    const Measurement m = measure(config, model, r.seq, r.batch, o.steps, o.warmup, profile, r.seed, o.prompt_fraction);
+    const Measurement m = measure(config, model, r.seq, r.batch, o.steps, o.warmup, profile, r.seed, o.prompt_fraction,
+                                  o.recompute_unread);
     const double peak_tf = o.peak_tflops > 0 ? o.peak_tflops : (device.is_cuda() ? peak_tflops_for(device_name) : 0.0);
     const double achieved_tf = m.tokens_per_s * m.flops.total() / 1e12;
     const double mfu = peak_tf > 0 ? achieved_tf / peak_tf : 0.0;
@@ -479,6 +485,9 @@ BenchTrainFn add_bench_train_options(CLI::App& bench, std::shared_ptr<const Benc
                    "train: only the first N layers recompute in backward (gradient_checkpointing_layers); -1: all")
       ->capture_default_str();
   bench.add_flag("--no-fused-kernels", st->no_fused_kernels, "train: the ATen ops instead of the fused RMSNorm/SwiGLU kernels");
+  bench.add_flag("--recompute-unread", st->recompute_unread,
+                 "train: a checkpointed layer's recompute also runs down_proj and the last residual add, whose "
+                 "result the backward never reads (the recompute before 2026-12-07; for measuring the saving)");
   bench.add_option("--prompt-fraction", st->prompt_fraction,
                    "train: the first fraction of each row is a prompt with no loss (labels -100), as in supervised "
                    "fine-tuning; in [0, 1)")

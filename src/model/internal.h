@@ -41,16 +41,20 @@ LayerQKV decoder_layer_qkv(const at::Tensor& h, const DecoderLayerWeights& layer
 at::Tensor decoder_layer_output(const at::Tensor& h, const at::Tensor& attn_out, const DecoderLayerWeights& layer,
                                 const LlamaWeights& model, DequantScratch& scratch, const LoraLayer* lora, bool training);
 // One projection of a decoder layer (llama.cpp): the base alone without adapters (linear_forward),
-// else lora_linear_forward with this layer's adapter for it (or none).
+// else lora_linear_forward with this layer's adapter for it (or none). output_read: as
+// lora_linear_forward's (false: a result for the backward only, maybe not computed).
 at::Tensor project(const at::Tensor& in, const LinearWeight& w, const LoraLayer* lora,
-                   std::optional<LoraLinear> LoraLayer::*adapter, DequantScratch& scratch, bool training);
-// The SwiGLU MLP of y (llama.cpp): down(silu(gate(y)) * up(y)).
+                   std::optional<LoraLinear> LoraLayer::*adapter, DequantScratch& scratch, bool training,
+                   bool output_read = true);
+// The SwiGLU MLP of y (llama.cpp): down(silu(gate(y)) * up(y)). output_read = false: down_proj's
+// output is not computed (see decoder_layer_for_backward).
 at::Tensor mlp(const at::Tensor& y, const DecoderLayerWeights& layer, DequantScratch& scratch, const LoraLayer* lora,
-               bool training);
+               bool training, bool output_read = true);
 // The same over tiles of `tile_tokens` rows (tiled_mlp.cpp): only one tile's intermediates exist at
-// once; the backward recomputes each tile's forward.
+// once; the backward recomputes each tile's forward. output_read = false and no dropout: the
+// forward computes nothing (the backward recomputes every tile anyway).
 at::Tensor tiled_mlp(const at::Tensor& y, const DecoderLayerWeights& layer, DequantScratch& scratch,
-                     const LoraLayer* lora, bool training, int64_t tile_tokens);
+                     const LoraLayer* lora, bool training, int64_t tile_tokens, bool output_read = true);
 
 // SDPA over q [B, heads, Tq, D] and k/v [B, kv_heads, Tk, D] (grouped-query: query head h reads KV
 // head h / (heads / kv_heads)). mask: bool [B or 1, 1, Tq, Tk] (true = attend); undefined: causal

@@ -127,18 +127,19 @@ at::Tensor grouped_attention(const at::Tensor& q, const at::Tensor& k, const at:
 }
 
 at::Tensor project(const at::Tensor& in, const LinearWeight& w, const LoraLayer* lora,
-                   std::optional<LoraLinear> LoraLayer::*adapter, DequantScratch& scratch, bool training) {
+                   std::optional<LoraLinear> LoraLayer::*adapter, DequantScratch& scratch, bool training,
+                   bool output_read) {
   if (lora == nullptr) return linear_forward(in, w, scratch);  // exactly linear_forward, bit for bit
   const std::optional<LoraLinear>& a = lora->*adapter;
-  return lora_linear_forward(in, w, a ? &*a : nullptr, scratch, training);
+  return lora_linear_forward(in, w, a ? &*a : nullptr, scratch, training, output_read);
 }
 
 at::Tensor mlp(const at::Tensor& y, const DecoderLayerWeights& layer, DequantScratch& scratch, const LoraLayer* lora,
-               bool training) {
+               bool training, bool output_read) {
   const at::Tensor gate = project(y, layer.gate_proj, lora, &LoraLayer::gate_proj, scratch, training);
   const at::Tensor up = project(y, layer.up_proj, lora, &LoraLayer::up_proj, scratch, training);
   const at::Tensor act = use_fused_kernels(gate) ? swiglu_fused(gate, up) : at::silu(gate) * up;
-  return project(act, layer.down_proj, lora, &LoraLayer::down_proj, scratch, training);
+  return project(act, layer.down_proj, lora, &LoraLayer::down_proj, scratch, training, output_read);
 }
 
 LayerQKV decoder_layer_qkv(const at::Tensor& h, const DecoderLayerWeights& layer, const LlamaWeights& model,
@@ -156,21 +157,29 @@ LayerQKV decoder_layer_qkv(const at::Tensor& h, const DecoderLayerWeights& layer
   return r;
 }
 
-at::Tensor decoder_layer_output(const at::Tensor& h, const at::Tensor& attn_out, const DecoderLayerWeights& layer,
-                                const LlamaWeights& model, DequantScratch& scratch, const LoraLayer* lora, bool training) {
+namespace {
+
+// The two terms of decoder_layer_output's last add; output_read as mlp's.
+DecoderLayerTerms decoder_layer_terms(const at::Tensor& h, const at::Tensor& attn_out, const DecoderLayerWeights& layer,
+                                      const LlamaWeights& model, DequantScratch& scratch, const LoraLayer* lora,
+                                      bool training, bool output_read) {
   const HFConfig& c = model.config;
   const int64_t B = h.size(0), T = h.size(1);
   const at::Tensor o = attn_out.transpose(1, 2).reshape({B, T, c.num_attention_heads * c.head_dim});
-  const at::Tensor after_attn = h + project(o, layer.o_proj, lora, &LoraLayer::o_proj, scratch, training);
+  DecoderLayerTerms t;
+  t.residual = h + project(o, layer.o_proj, lora, &LoraLayer::o_proj, scratch, training);
 
-  const at::Tensor y = rms_norm(after_attn, layer.post_attention_layernorm, c.rms_norm_eps);
+  const at::Tensor y = rms_norm(t.residual, layer.post_attention_layernorm, c.rms_norm_eps);
   const int64_t tile = mlp_tile_tokens();
   const bool tiled = tile > 0 && y.numel() / y.size(-1) > tile;  // with or without grad: one tile at a time
-  return after_attn + (tiled ? tiled_mlp(y, layer, scratch, lora, training, tile) : mlp(y, layer, scratch, lora, training));
+  t.mlp = tiled ? tiled_mlp(y, layer, scratch, lora, training, tile, output_read)
+                : mlp(y, layer, scratch, lora, training, output_read);
+  return t;
 }
 
-at::Tensor decoder_layer(const at::Tensor& h, const DecoderLayerWeights& layer, const LlamaWeights& model,
-                         const AttentionInputs& attn, DequantScratch& scratch, const LoraLayer* lora, bool training) {
+// The layer's attention output (SDPA's, [B, heads, T, head_dim]) for h.
+at::Tensor layer_attention(const at::Tensor& h, const DecoderLayerWeights& layer, const LlamaWeights& model,
+                           const AttentionInputs& attn, DequantScratch& scratch, const LoraLayer* lora, bool training) {
   const LayerQKV qkv = decoder_layer_qkv(h, layer, model, attn.cos, attn.sin, scratch, lora, training);
   at::Tensor mask = attn.mask;
   if (layer.sliding_window > 0 && attn.sliding_mask.defined()) {
@@ -178,7 +187,28 @@ at::Tensor decoder_layer(const at::Tensor& h, const DecoderLayerWeights& layer, 
                 " differs from the one the attention inputs were built for (", attn.sliding_window, ")");
     mask = attn.sliding_mask;
   }
-  return decoder_layer_output(h, grouped_attention(qkv.q, qkv.k, qkv.v, mask), layer, model, scratch, lora, training);
+  return grouped_attention(qkv.q, qkv.k, qkv.v, mask);
+}
+
+}  // namespace
+
+at::Tensor decoder_layer_output(const at::Tensor& h, const at::Tensor& attn_out, const DecoderLayerWeights& layer,
+                                const LlamaWeights& model, DequantScratch& scratch, const LoraLayer* lora, bool training) {
+  const DecoderLayerTerms t = decoder_layer_terms(h, attn_out, layer, model, scratch, lora, training, true);
+  return t.residual + t.mlp;
+}
+
+at::Tensor decoder_layer(const at::Tensor& h, const DecoderLayerWeights& layer, const LlamaWeights& model,
+                         const AttentionInputs& attn, DequantScratch& scratch, const LoraLayer* lora, bool training) {
+  const at::Tensor attn_out = layer_attention(h, layer, model, attn, scratch, lora, training);
+  return decoder_layer_output(h, attn_out, layer, model, scratch, lora, training);
+}
+
+DecoderLayerTerms decoder_layer_for_backward(const at::Tensor& h, const DecoderLayerWeights& layer,
+                                             const LlamaWeights& model, const AttentionInputs& attn,
+                                             DequantScratch& scratch, const LoraLayer* lora, bool training) {
+  const at::Tensor attn_out = layer_attention(h, layer, model, attn, scratch, lora, training);
+  return decoder_layer_terms(h, attn_out, layer, model, scratch, lora, training, /*output_read=*/false);
 }
 
 namespace {

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "model/internal.h"
 #include "qlora/config.h"
@@ -150,18 +151,31 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The frozen base weight in a forward: a view of the scratch holding deq(W) (NF4; the packed
-// bytes and absmax -- the model's own tensors, not copies -- go into saved_data) or the dense
-// weight itself (the model's own), plus the scratch's address for the backward.
-at::Tensor base_weight_forward(AutogradContext* ctx, const LinearWeight& base, DequantScratch& scratch, at::ScalarType dtype) {
+// What the backward needs of the frozen base weight: the NF4 pieces (the packed bytes and absmax --
+// the model's own tensors, not copies -- in saved_data) or the dense weight itself (the model's
+// own), plus the scratch's address.
+void save_base_weight(AutogradContext* ctx, const LinearWeight& base, DequantScratch& scratch) {
   ctx->saved_data["scratch"] = static_cast<int64_t>(reinterpret_cast<intptr_t>(&scratch));
   if (base.nf4) {
     save_nf4(ctx, *base.nf4);
-    return dequantize_into_scratch(*base.nf4, scratch, dtype);
+    return;
   }
   TORCH_CHECK(base.dense.defined(), "lora_linear_forward: the base weight holds neither NF4 nor dense data");
   ctx->saved_data["dense"] = base.dense;
-  return base.dense;
+}
+
+// The frozen base weight in a forward: a view of the scratch holding deq(W), or the dense weight.
+at::Tensor base_weight_forward(AutogradContext* ctx, const LinearWeight& base, DequantScratch& scratch, at::ScalarType dtype) {
+  save_base_weight(ctx, base, scratch);
+  return base.nf4 ? dequantize_into_scratch(*base.nf4, scratch, dtype) : base.dense;
+}
+
+// The result of a projection whose output is never read (output_read = false): the shape of
+// x W^T, one zero element expanded, so that nothing of its size is allocated or written.
+at::Tensor unread_output(const at::Tensor& x, const LinearWeight& base) {
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = base.out_features;
+  return at::zeros({}, x.options()).expand(shape);
 }
 
 // The same weight in the backward: the scratch holds some other projection's weight by now, so an
@@ -178,23 +192,30 @@ std::optional<at::Tensor> bias_of(const LinearWeight& w) {
 
 // The base alone (an untargeted projection of a LoRA model, NF4): x -> x deq(W)^T + b.
 struct BaseLinearFunction : public torch::autograd::Function<BaseLinearFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const LinearWeight* base, DequantScratch* scratch) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const LinearWeight* base, DequantScratch* scratch,
+                            bool output_read) {
+    if (!output_read) {
+      save_base_weight(ctx, *base, *scratch);
+      return unread_output(x, *base);
+    }
     return at::linear(x, base_weight_forward(ctx, *base, *scratch, x.scalar_type()), bias_of(*base));
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const at::Tensor& g = grad_outputs[0];
-    return {at::matmul(g, base_weight_backward(ctx, g.scalar_type())), at::Tensor(), at::Tensor()};
+    return {at::matmul(g, base_weight_backward(ctx, g.scalar_type())), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 // Inputs: x [..., in] (compute dtype), A fp32 [r, in], B fp32 [out, r]; the rest are not
 // differentiable. Saved: x, U = drop(x) A^T, A, B (save_for_backward), the bool dropout mask, and
-// what base_weight_forward keeps.
+// what save_base_weight keeps. output_read = false: U only (the backward's dB needs it), no y.
 struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
-                            const LinearWeight* base, DequantScratch* scratch, double scale, double dropout, bool training) {
+                            const LinearWeight* base, DequantScratch* scratch, double scale, double dropout, bool training,
+                            bool output_read) {
     const at::ScalarType dtype = x.scalar_type();
-    at::Tensor y = at::linear(x, base_weight_forward(ctx, *base, *scratch, dtype), bias_of(*base));
+    at::Tensor y = output_read ? at::linear(x, base_weight_forward(ctx, *base, *scratch, dtype), bias_of(*base))
+                               : (save_base_weight(ctx, *base, *scratch), unread_output(x, *base));
     at::Tensor mask, dropped = x;
     if (training && dropout > 0.0) {
       mask = at::empty(x.sizes(), x.options().dtype(at::kBool)).bernoulli_(1.0 - dropout);
@@ -204,7 +225,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     // PEFT: result + lora_B(lora_A(x)) * scaling, as one GEMM with the add and the scale in its
     // epilogue (y += scale u B^T, one rounding instead of three and no extra passes over y).
     const int64_t r = A.size(0), out = B.size(0);
-    y.view({-1, out}).addmm_(u.reshape({-1, r}), B.to(dtype).t(), /*beta=*/1, /*alpha=*/scale);
+    if (output_read) y.view({-1, out}).addmm_(u.reshape({-1, r}), B.to(dtype).t(), /*beta=*/1, /*alpha=*/scale);
     ctx->save_for_backward({x, u, A, B});
     ctx->saved_data["mask"] = mask;
     ctx->saved_data["scale"] = scale;
@@ -242,7 +263,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
         }
       }
     }
-    return {dx, dA, dB, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, dA, dB, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -271,7 +292,7 @@ at::Tensor nf4_lora_linear_through_op(const at::Tensor& x, const LinearWeight& b
 }  // namespace
 
 at::Tensor lora_linear_forward(const at::Tensor& x, const LinearWeight& base, const LoraLinear* lora,
-                               DequantScratch& scratch, bool training) {
+                               DequantScratch& scratch, bool training, bool output_read) {
   TORCH_CHECK(x.size(-1) == base.in_features, "lora_linear_forward: input has ", x.size(-1),
               " features, the weight expects ", base.in_features);
   if (torch::jit::tracer::isTracing() && at::tracer::impl::is_dispatch_enabled() && base.nf4 &&
@@ -279,14 +300,15 @@ at::Tensor lora_linear_forward(const at::Tensor& x, const LinearWeight& base, co
     return nf4_lora_linear_through_op(x, base, lora);
   if (lora == nullptr) {
     if (!base.nf4) return linear_forward(x, base, scratch);
-    return BaseLinearFunction::apply(x, &base, &scratch);
+    return BaseLinearFunction::apply(x, &base, &scratch, output_read || !at::GradMode::is_enabled());
   }
   TORCH_CHECK(lora->A.defined() && lora->B.defined() && lora->A.dim() == 2 && lora->B.dim() == 2 &&
                   lora->A.size(1) == base.in_features && lora->B.size(0) == base.out_features &&
                   lora->A.size(0) == lora->B.size(1),
               "lora_linear_forward: LoRA A ", lora->A.sizes(), " / B ", lora->B.sizes(), " do not fit a [",
               base.out_features, ", ", base.in_features, "] weight (expected A [r, in], B [out, r])");
-  return LoraLinearFunction::apply(x, lora->A, lora->B, &base, &scratch, lora->scale, lora->dropout, training);
+  return LoraLinearFunction::apply(x, lora->A, lora->B, &base, &scratch, lora->scale, lora->dropout, training,
+                                   output_read || !at::GradMode::is_enabled());
 }
 
 }  // namespace qlora

@@ -39,19 +39,22 @@ using torch::autograd::variable_list;
 // Every pointer argument must outlive the backward (the trainer's model, scratch and adapters do;
 // the LoRA linear keeps its scratch the same way).
 struct TiledMlpFunction : public torch::autograd::Function<TiledMlpFunction> {
-  // y [..., hidden]; returns mlp(y), y's shape.
+  // y [..., hidden]; returns mlp(y), y's shape. output_read = false: the tiles run only to record
+  // each one's RNG state when the MLP draws dropout masks (their outputs are not kept), else not at all.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const DecoderLayerWeights* layer,
-                            DequantScratch* scratch, const LoraLayer* lora, bool training, int64_t tile) {
+                            DequantScratch* scratch, const LoraLayer* lora, bool training, int64_t tile,
+                            bool output_read) {
     const int64_t H = y.size(-1);
     const at::Tensor rows = y.reshape({-1, H});
     const int64_t n = rows.size(0);
-    at::Tensor out = at::empty_like(rows);
     const bool rng = draws_dropout(lora, training);
+    at::Tensor out = output_read ? at::empty_like(rows) : at::zeros({}, y.options()).expand(y.sizes());
     std::vector<at::Tensor> states;
-    for (int64_t s = 0; s < n; s += tile) {
+    for (int64_t s = 0; (output_read || rng) && s < n; s += tile) {
       const int64_t len = std::min(tile, n - s);
       if (rng) states.push_back(rng_state(y.device()));
-      out.narrow(0, s, len).copy_(mlp(rows.narrow(0, s, len), *layer, *scratch, lora, training));
+      const at::Tensor o = mlp(rows.narrow(0, s, len), *layer, *scratch, lora, training);
+      if (output_read) out.narrow(0, s, len).copy_(o);
     }
     ctx->save_for_backward({y});
     auto& d = ctx->saved_data;
@@ -61,7 +64,7 @@ struct TiledMlpFunction : public torch::autograd::Function<TiledMlpFunction> {
     d["training"] = training;
     d["tile"] = tile;
     d["states"] = states;
-    return out.view(y.sizes());
+    return output_read ? out.view(y.sizes()) : out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -86,12 +89,12 @@ struct TiledMlpFunction : public torch::autograd::Function<TiledMlpFunction> {
       const int64_t len = std::min(tile, n - s);
       if (!states.empty()) set_rng_state(y.device(), states[static_cast<size_t>(t)]);
       const at::Tensor in = rows.narrow(0, s, len).detach().requires_grad_(true);
-      const at::Tensor o = mlp(in, layer, scratch, lora, training);
+      const at::Tensor o = mlp(in, layer, scratch, lora, training, /*output_read=*/false);
       torch::autograd::backward({o}, {g.narrow(0, s, len)});
       dy.narrow(0, s, len).copy_(in.grad());
     }
     if (state_before.defined()) set_rng_state(y.device(), state_before);
-    return {dy.view(y.sizes()), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dy.view(y.sizes()), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -119,8 +122,9 @@ void set_mlp_tile_tokens(int64_t tokens) { g_mlp_tile_tokens = tokens < 0 ? 0 : 
 int64_t mlp_tile_tokens() { return g_mlp_tile_tokens; }
 
 at::Tensor tiled_mlp(const at::Tensor& y, const DecoderLayerWeights& layer, DequantScratch& scratch,
-                     const LoraLayer* lora, bool training, int64_t tile_tokens) {
-  return TiledMlpFunction::apply(y, &layer, &scratch, lora, training, tile_tokens);
+                     const LoraLayer* lora, bool training, int64_t tile_tokens, bool output_read) {
+  return TiledMlpFunction::apply(y, &layer, &scratch, lora, training, tile_tokens,
+                                 output_read || !at::GradMode::is_enabled());
 }
 
 }  // namespace qlora

@@ -214,17 +214,23 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
   // backward dh, pass dh_i down.
   for (size_t k = L; k-- > 0;) {
     unshard(k, k - 1);  // prefetch in backward order (k - 1 wraps past 0 for k = 0: no layer, no-op)
-    at::Tensor hin, out;
+    at::Tensor hin;
     if (k < recomputed) {
       hin = kept_inputs.take(k).detach().requires_grad_(k > 0);
       if (k > 0) kept_inputs.prefetch(k - 1);  // comes back while this layer computes
       set_rng_state(m.device, rng[k]);  // the same dropout masks as the forward (preserve_rng_state)
-      out = decoder_layer(hin, m.layers[k], m, attn, t.scratch, &t.lora.layers[k], true);
+      // The recompute's own output is never read, only its backward: its last projection and add
+      // are skipped (decoder_layer_for_backward), unless asked to run them (a measurement switch).
+      if (t.options.recompute_unread_outputs) {
+        torch::autograd::backward({decoder_layer(hin, m.layers[k], m, attn, t.scratch, &t.lora.layers[k], true)}, {dh});
+      } else {
+        const DecoderLayerTerms terms = decoder_layer_for_backward(hin, m.layers[k], m, attn, t.scratch, &t.lora.layers[k], true);
+        torch::autograd::backward({terms.residual, terms.mlp}, {dh, dh});
+      }
     } else {
       hin = inputs[k];
-      out = std::move(outputs[k]);
+      torch::autograd::backward({std::move(outputs[k])}, {dh});
     }
-    torch::autograd::backward({out}, {dh});
     if (fsdp) {
       reduce_scatter_layer_grads(*fsdp, k, t.params);  // sum over ranks into the local shards' grads
       reshard_layer(*fsdp, k);
