@@ -1,6 +1,6 @@
-// A tiny LoRA test model and helpers shared by the LoRA and tiled-MLP tests: tiny_llama.h's shapes
-// (hidden 64, 4 heads of 16, 2 KV heads, intermediate 96, vocab 100, 2 layers) with weights far
-// from trivial, every projection targeted, B randomized so the adapter matters.
+// A tiny LoRA test model and helpers shared by the LoRA, tiled-MLP and recompute tests:
+// tiny_llama.h's shapes (hidden 64, 4 heads of 16, 2 KV heads, intermediate 96, vocab 100, 2 layers)
+// with weights far from trivial, every projection targeted, B randomized so the adapter matters.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -54,5 +54,13 @@ inline at::Tensor ids_of(std::vector<int64_t> shape, uint64_t seed) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   return at::randint(0, 100, shape, gen, at::TensorOptions().dtype(at::kLong));
 }
+
+// mlp_tile_tokens set for a scope (process-wide), back to 0 (off) when it ends.
+struct TileSwitch {
+  explicit TileSwitch(int64_t n) { qlora::set_mlp_tile_tokens(n); }
+  ~TileSwitch() { qlora::set_mlp_tile_tokens(0); }
+  TileSwitch(const TileSwitch&) = delete;
+  TileSwitch& operator=(const TileSwitch&) = delete;
+};
 
 }  // namespace qlora::test::lora_fixture

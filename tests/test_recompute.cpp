@@ -24,11 +24,6 @@ using qlora::test::TempDir;
 
 namespace {
 
-struct TileSwitch {
-  explicit TileSwitch(int64_t n) { qlora::set_mlp_tile_tokens(n); }
-  ~TileSwitch() { qlora::set_mlp_tile_tokens(0); }
-};
-
 struct Grads {
   at::Tensor dh;
   std::vector<at::Tensor> dparams;  // layer 0's LoRA parameters, in named_lora_parameters order

@@ -22,11 +22,6 @@ using qlora::test::TempDir;
 
 namespace {
 
-struct TileSwitch {
-  explicit TileSwitch(int64_t n) { qlora::set_mlp_tile_tokens(n); }
-  ~TileSwitch() { qlora::set_mlp_tile_tokens(0); }
-};
-
 // The layer-0 output of h and the gradients of sum(out * w) w.r.t. h and every LoRA parameter.
 struct LayerRun {
   at::Tensor out, dh;
