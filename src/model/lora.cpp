@@ -214,8 +214,13 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
                             const LinearWeight* base, DequantScratch* scratch, double scale, double dropout, bool training,
                             bool output_read) {
     const at::ScalarType dtype = x.scalar_type();
-    at::Tensor y = output_read ? at::linear(x, base_weight_forward(ctx, *base, *scratch, dtype), bias_of(*base))
-                               : (save_base_weight(ctx, *base, *scratch), unread_output(x, *base));
+    at::Tensor y;
+    if (output_read) {
+      y = at::linear(x, base_weight_forward(ctx, *base, *scratch, dtype), bias_of(*base));
+    } else {
+      save_base_weight(ctx, *base, *scratch);
+      y = unread_output(x, *base);
+    }
     at::Tensor mask, dropped = x;
     if (training && dropout > 0.0) {
       mask = at::empty(x.sizes(), x.options().dtype(at::kBool)).bernoulli_(1.0 - dropout);
