@@ -162,7 +162,8 @@ void set_rng_state(const at::Device& device, const at::Tensor& state);
 
 // Process-wide (config mlp_tile_tokens; default 0, off): with grad on, the decoder layers run
 // their MLP over tiles of this many rows (tokens), so that only one tile's intermediates exist at
-// once, at the price of the MLP's forward once more in the backward (long sequences).
+// once, at the price of the MLP's forward once more in the backward (long sequences) -- except in a
+// checkpointed layer without LoRA dropout, where the tiles' recompute replaces the layer's own.
 void set_mlp_tile_tokens(int64_t tokens);
 int64_t mlp_tile_tokens();
 
