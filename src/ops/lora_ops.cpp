@@ -15,6 +15,8 @@
 #include <optional>
 #include <vector>
 
+#include "model/internal.h"  // mm_as
+
 namespace qlora {
 namespace {
 
@@ -152,11 +154,11 @@ struct NF4LoraLinearFunction : public torch::autograd::Function<NF4LoraLinearFun
       const at::Tensor g2 = g.reshape_symint({-1, out});
       if (need_dB) {
         const at::Tensor u2 = at::linear(x, A.to(dtype)).reshape_symint({-1, r});  // X A^T, recomputed
-        dB = at::mm(g2.t(), u2).mul_(scale).to(B.scalar_type());
+        dB = mm_as(g2.t(), u2, B.scalar_type()).mul_(scale);
       }
       if (need_dx || need_dA) {
         const at::Tensor du = at::mm(g2, B.to(dtype)).mul_(scale);  // [N, r]
-        if (need_dA) dA = at::mm(du.t(), x.reshape_symint({-1, in})).to(A.scalar_type());
+        if (need_dA) dA = mm_as(du.t(), x.reshape_symint({-1, in}), A.scalar_type());
         if (need_dx) dx.view_symint({-1, in}).addmm_(du, A.to(dtype));
       }
     }
