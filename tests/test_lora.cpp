@@ -241,6 +241,9 @@ TEST_CASE("lora: A and B are cast to the compute dtype once per change of the ma
   check_against_fresh();
   CHECK(l.A_compute.value.data_ptr() == cached_A);
   CHECK(l.B_compute.value.data_ptr() == cached_B);
+  // A new master tensor at the same version (0) as the one it replaces.
+  l.B = (at::randn({out, r}, gen) * 0.2).requires_grad_(true);
+  check_against_fresh();
   {
     // An optimizer step changes both masters in place: the next forward sees the new values.
     std::vector<at::Tensor> params{l.A, l.B};
@@ -249,7 +252,7 @@ TEST_CASE("lora: A and B are cast to the compute dtype once per change of the ma
   }
   CHECK(!at::equal(l.A_compute.value, l.A.detach().to(at::kBFloat16)));  // stale until the next use
   check_against_fresh();
-  // Any in-place change, and a new master tensor in its place.
+  // Any in-place change, and a new master after the old one was changed.
   {
     at::NoGradGuard no_grad;
     l.B.mul_(-2);
