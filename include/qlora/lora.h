@@ -50,6 +50,10 @@ struct LoraComputeCopy {
   at::Tensor value;  // the master cast to value's dtype
 };
 
+// Process-wide: keep the compute-dtype copies (on by default); off casts A and B at every use, as
+// before 2026-12-07 (`qlora bench train --no-lora-cast-cache`, for measuring the saving).
+void set_lora_cast_cache(bool on);
+
 // One adapted projection: y += (dropout(x) A^T) B^T * scale.
 struct LoraLinear {
   at::Tensor A;        // fp32 [r, in], the master weight (requires_grad)

@@ -19,6 +19,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -208,8 +209,11 @@ struct BaseLinearFunction : public torch::autograd::Function<BaseLinearFunction>
 
 // `master` in `dtype`: the master itself when it has that dtype, else the cached copy, cast again
 // only when the master changed since (see LoraComputeCopy).
+std::atomic<bool> g_lora_cast_cache{true};
+
 at::Tensor compute_copy(const at::Tensor& master, LoraComputeCopy& cache, at::ScalarType dtype) {
   if (master.scalar_type() == dtype) return master;
+  if (!g_lora_cast_cache) return master.detach().to(dtype);
   const bool same_master = cache.master && cache.master->_unsafe_get_target() == master.unsafeGetTensorImpl();
   if (same_master && cache.master_version == static_cast<int64_t>(master._version()) && cache.value.defined() &&
       cache.value.scalar_type() == dtype)
@@ -312,6 +316,8 @@ at::Tensor nf4_lora_linear_through_op(const at::Tensor& x, const LinearWeight& b
 }
 
 }  // namespace
+
+void set_lora_cast_cache(bool on) { g_lora_cast_cache = on; }
 
 at::Tensor mm_as(const at::Tensor& a, const at::Tensor& b, at::ScalarType out_dtype) {
   const bool half = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
