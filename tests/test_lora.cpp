@@ -9,7 +9,6 @@
 #include "qlora/hf_config.h"
 #include "qlora/lora.h"
 #include "qlora/model.h"
-#include "qlora/optim.h"
 #include "qlora/safetensors.h"
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -210,64 +209,6 @@ TEST_CASE("lora: NF4 LoRA linear -- y, dX, dA, dB equal autograd on the dequanti
 }
 
 TEST_CASE("lora: dense-base LoRA linear -- y, dX, dA, dB equal autograd", "[lora]") { check_lora_linear(false); }
-
-TEST_CASE("lora: A and B are cast to the compute dtype once per change of the masters", "[lora]") {
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(33);
-  const int64_t in = 40, out = 24, r = 4;
-  qlora::LinearWeight w{.dense = (at::randn({out, in}, gen) * 0.1).to(at::kBFloat16), .out_features = out,
-                        .in_features = in};
-  qlora::LoraLinear l{.A = (at::randn({r, in}, gen) * 0.2).requires_grad_(true),
-                      .B = (at::randn({out, r}, gen) * 0.2).requires_grad_(true), .scale = 0.5, .dropout = 0.0};
-  const at::Tensor x = at::randn({3, 7, in}, gen).to(at::kBFloat16);
-  const at::Tensor g = at::randn({3, 7, out}, gen).to(at::kBFloat16);
-  qlora::DequantScratch scratch;
-  // Output and gradients of `l` against a fresh copy of it with empty caches (which casts anew).
-  auto check_against_fresh = [&] {
-    const qlora::LoraLinear fresh{.A = l.A, .B = l.B, .scale = l.scale, .dropout = l.dropout};
-    const at::Tensor y = qlora::lora_linear_forward(x, w, &l, scratch, true);
-    const auto got = torch::autograd::grad({y}, {l.A, l.B}, {g});
-    const at::Tensor y_fresh = qlora::lora_linear_forward(x, w, &fresh, scratch, true);
-    const auto want = torch::autograd::grad({y_fresh}, {fresh.A, fresh.B}, {g});
-    CHECK(at::equal(y, y_fresh));
-    CHECK(at::equal(got[0], want[0]));
-    CHECK(at::equal(got[1], want[1]));
-    CHECK(at::equal(l.A_compute.value, l.A.detach().to(at::kBFloat16)));
-    CHECK(at::equal(l.B_compute.value, l.B.detach().to(at::kBFloat16)));
-  };
-  check_against_fresh();
-  const void* cached_A = l.A_compute.value.data_ptr();
-  const void* cached_B = l.B_compute.value.data_ptr();
-  // Unchanged masters: the second forward (a recompute, say) reuses both copies.
-  check_against_fresh();
-  CHECK(l.A_compute.value.data_ptr() == cached_A);
-  CHECK(l.B_compute.value.data_ptr() == cached_B);
-  // A new master tensor at the same version (0) as the one it replaces.
-  l.B = (at::randn({out, r}, gen) * 0.2).requires_grad_(true);
-  check_against_fresh();
-  {
-    // An optimizer step changes both masters in place: the next forward sees the new values.
-    std::vector<at::Tensor> params{l.A, l.B};
-    qlora::AdamWState state = qlora::adamw_init({"A", "B"}, params);
-    qlora::adamw_step(state, params, {at::ones_like(l.A), at::ones_like(l.B)}, 0.1, qlora::AdamWOptions{});
-  }
-  CHECK(!at::equal(l.A_compute.value, l.A.detach().to(at::kBFloat16)));  // stale until the next use
-  check_against_fresh();
-  // Any in-place change, and a new master after the old one was changed.
-  {
-    at::NoGradGuard no_grad;
-    l.B.mul_(-2);
-  }
-  check_against_fresh();
-  l.A = (at::randn({r, in}, gen) * 0.2).requires_grad_(true);
-  check_against_fresh();
-  // fp32 compute: the masters themselves, nothing cached.
-  qlora::LoraLinear l32{.A = l.A, .B = l.B, .scale = 0.5, .dropout = 0.0};
-  qlora::LinearWeight w32 = w;
-  w32.dense = w.dense.to(at::kFloat);
-  qlora::lora_linear_forward(x.to(at::kFloat), w32, &l32, scratch, true);
-  CHECK(!l32.A_compute.value.defined());
-  CHECK(!l32.B_compute.value.defined());
-}
 
 TEST_CASE("lora on CUDA in bf16: y, dX, dA, dB against the fp32 reference; fp32 gradients", "[lora][cuda]") {
   QLORA_REQUIRE_CUDA();

@@ -55,7 +55,6 @@ struct FrozenShard {
 // One LoRA master (A or B) of a layer.
 struct LoraShard {
   at::Tensor* slot = nullptr;        // the LoraModel's tensor it fills (&layer.q_proj->A ...)
-  LoraComputeCopy* compute = nullptr;  // that adapter's compute-dtype copy of it (&layer.q_proj->A_compute ...)
   size_t param = 0;                  // index into the trainer's local parameters
   int64_t rows = 0, cols = 0, rows_per_rank = 0;
   int64_t gathered_offset = 0;       // element offset of its world * rows_per_rank * cols region

@@ -39,28 +39,12 @@ void validate_lora_options(const LoraOptions& options);
 // alpha / r, or alpha / sqrt(r) with use_rslora (PEFT's LoraLayer.update_layer).
 double lora_scale(const LoraOptions& options);
 
-// A LoRA master (A or B) in the compute dtype, kept from one use to the next: a projection uses
-// its adapter in the forward, the recompute and the backward, and the masters change only at the
-// optimizer step, so one cast per change replaces one per use. Valid while the master is the same
-// tensor (same TensorImpl; the weak reference keeps its address from being reused) at the same
-// version (every in-place update, the optimizer's _foreach ops included, moves the version).
-struct LoraComputeCopy {
-  std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> master;
-  int64_t master_version = -1;
-  at::Tensor value;  // the master cast to value's dtype
-};
-
-// Process-wide: keep the compute-dtype copies (on by default); off casts A and B at every use, as
-// before 2026-12-07 (`qlora bench train --no-lora-cast-cache`, for measuring the saving).
-void set_lora_cast_cache(bool on);
-
 // One adapted projection: y += (dropout(x) A^T) B^T * scale.
 struct LoraLinear {
   at::Tensor A;        // fp32 [r, in], the master weight (requires_grad)
   at::Tensor B;        // fp32 [out, r], the master weight (requires_grad)
   double scale = 1.0;
   double dropout = 0.0;
-  mutable LoraComputeCopy A_compute, B_compute;  // caches of A and B in the compute dtype
 };
 
 struct LoraLayer {

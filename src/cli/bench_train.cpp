@@ -82,7 +82,6 @@ struct TrainBenchOptions {
   int64_t checkpoint_layers = -1;  // gradient_checkpointing_layers: the first N layers recompute (-1: all)
   bool no_fused_kernels = false;   // fused_kernels: false (the ATen ops instead of the fused kernels)
   bool recompute_unread = false;   // TrainerOptions::recompute_unread_outputs (the recompute as before 2026-12-07)
-  bool no_lora_cast_cache = false;  // set_lora_cast_cache(false): A and B cast at every use
   double prompt_fraction = 0;      // the first fraction of each row has no loss (labels -100)
   int top_kernels = 8;             // the profiled step's most expensive "other" kernels, by name
   AttentionBackend attention = AttentionBackend::auto_;  // attention_backend: the SDPA kernel tried first
@@ -286,7 +285,6 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
   config.mlp_tile_tokens = o.mlp_tile_tokens;
   config.gradient_checkpointing_layers = o.checkpoint_layers;
   config.fused_kernels = !o.no_fused_kernels;
-  set_lora_cast_cache(!o.no_lora_cast_cache);
   config.attention_backend = o.attention;
   config.gpu_memory_limit = o.gpu_memory_limit;
   config.device = r.device;
@@ -324,7 +322,7 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
                                                                             : "auto";
   const char* dtype_label = mo.compute_dtype == at::kBFloat16 ? "bf16" : mo.compute_dtype == at::kHalf ? "fp16" : "fp32";
   std::printf("qlora bench train --shape %s on %s: %s base, compute %s, LoRA r %d (alpha %d) on all 7 projections, "
-              "batch %lld, gradient checkpointing%s%s%s%s%s%s%s%s%s; model built in %.1f s\n",
+              "batch %lld, gradient checkpointing%s%s%s%s%s%s%s%s; model built in %.1f s\n",
               o.shape.c_str(), device_name.c_str(), mo.load_in_4bit ? "NF4" : "16-bit", dtype_label, o.rank, 2 * o.rank,
               static_cast<long long>(r.batch),
               o.checkpoint_layers >= 0 ? (" of the first " + std::to_string(o.checkpoint_layers) + " layers").c_str() : "",
@@ -332,7 +330,6 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
               o.mlp_tile_tokens > 0 ? (", MLP in tiles of " + std::to_string(o.mlp_tile_tokens) + " tokens").c_str() : "",
               o.no_fused_kernels ? ", fused kernels off" : "",
               o.recompute_unread ? ", recompute of unread outputs" : "",
-              o.no_lora_cast_cache ? ", LoRA A / B cast at every use" : "",
               o.attention == AttentionBackend::auto_ ? "" : (std::string(", ") + attention_name + " attention first").c_str(),
               o.prompt_fraction > 0 ? (", the first " + std::to_string(static_cast<int>(100 * o.prompt_fraction + 0.5)) +
                                        " % of each row a masked prompt").c_str()
@@ -343,7 +340,6 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
               {"rank", o.rank},   {"batch", r.batch},      {"offload", o.offload}, {"embedding_offload", o.embedding_offload}, {"mlp_tile_tokens", o.mlp_tile_tokens},
               {"checkpoint_layers", o.checkpoint_layers}, {"fused_kernels", !o.no_fused_kernels},
               {"recompute_unread_outputs", o.recompute_unread},
-              {"lora_cast_cache", !o.no_lora_cast_cache},
               {"attention", attention_name},
               {"prompt_fraction", o.prompt_fraction}};
 
@@ -492,9 +488,6 @@ BenchTrainFn add_bench_train_options(CLI::App& bench, std::shared_ptr<const Benc
   bench.add_flag("--recompute-unread", st->recompute_unread,
                  "train: a checkpointed layer's recompute also runs down_proj and the last residual add, whose "
                  "result the backward never reads (the recompute before 2026-12-07; for measuring the saving)");
-  bench.add_flag("--no-lora-cast-cache", st->no_lora_cast_cache,
-                 "train: cast LoRA A and B to the compute dtype at every forward, recompute and backward instead of "
-                 "once per optimizer step (as before 2026-12-07; for measuring the saving)");
   bench.add_option("--prompt-fraction", st->prompt_fraction,
                    "train: the first fraction of each row is a prompt with no loss (labels -100), as in supervised "
                    "fine-tuning; in [0, 1)")

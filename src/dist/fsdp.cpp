@@ -112,7 +112,6 @@ Fsdp shard_model(LlamaWeights& model, LoraModel& lora, std::vector<at::Tensor>& 
           throw std::logic_error("shard_model: params are not the adapter's masters in named_lora_parameters order");
         LoraShard s;
         s.slot = master;
-        s.compute = master == &ad->A ? &ad->A_compute : &ad->B_compute;
         s.param = param;
         s.rows = master->size(0);
         s.cols = master->size(1);
@@ -164,15 +163,9 @@ void unshard_layer(Fsdp& fsdp, size_t layer, const std::vector<at::Tensor>& para
   }
   for (const LoraShard& s : sl.lora) {
     const at::Tensor full = sl.gathered_lora.narrow(0, s.gathered_offset, s.rows * s.cols).view({s.rows, s.cols});
-    // A fresh fp32 leaf: LoRA's autograd uses it in the compute dtype (exact) and returns fp32
+    // A fresh fp32 leaf: LoRA's autograd casts it back to the compute dtype (exact) and returns fp32
     // gradients, so the numbers equal the unsharded run's; the extra fp32 copy is one layer's adapter.
     *s.slot = full.to(at::kFloat).detach().requires_grad_(true);
-    // The gathered compute-dtype values are that leaf's compute copy already: no cast back.
-    if (full.scalar_type() != at::kFloat) {
-      s.compute->value = full;
-      s.compute->master = c10::weak_intrusive_ptr<c10::TensorImpl>(s.slot->getIntrusivePtr());
-      s.compute->master_version = static_cast<int64_t>(s.slot->_version());
-    }
   }
   sl.installed = true;
 }
@@ -181,10 +174,7 @@ void reshard_layer(Fsdp& fsdp, size_t layer) {
   ShardedLayer& sl = fsdp.layers.at(layer);
   sl.gather_work.wait();
   for (const FrozenShard& f : sl.frozen) *f.slot = at::Tensor();
-  for (const LoraShard& s : sl.lora) {
-    *s.slot = at::Tensor();
-    *s.compute = LoraComputeCopy{};  // it views the gather buffer, which goes now
-  }
+  for (const LoraShard& s : sl.lora) *s.slot = at::Tensor();
   sl.gathered = at::Tensor();
   sl.gathered_lora = at::Tensor();
   sl.installed = false;

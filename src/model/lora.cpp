@@ -19,7 +19,6 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -207,33 +206,14 @@ struct BaseLinearFunction : public torch::autograd::Function<BaseLinearFunction>
   }
 };
 
-// `master` in `dtype`: the master itself when it has that dtype, else the cached copy, cast again
-// only when the master changed since (see LoraComputeCopy).
-std::atomic<bool> g_lora_cast_cache{true};
-
-at::Tensor compute_copy(const at::Tensor& master, LoraComputeCopy& cache, at::ScalarType dtype) {
-  if (master.scalar_type() == dtype) return master;
-  if (!g_lora_cast_cache) return master.detach().to(dtype);
-  const bool same_master = cache.master && cache.master->_unsafe_get_target() == master.unsafeGetTensorImpl();
-  if (same_master && cache.master_version == static_cast<int64_t>(master._version()) && cache.value.defined() &&
-      cache.value.scalar_type() == dtype)
-    return cache.value;
-  cache.value = master.detach().to(dtype);
-  cache.master = c10::weak_intrusive_ptr<c10::TensorImpl>(master.getIntrusivePtr());
-  cache.master_version = static_cast<int64_t>(master._version());
-  return cache.value;
-}
-
 // Inputs: x [..., in] (compute dtype), A fp32 [r, in], B fp32 [out, r]; the rest are not
-// differentiable (`lora` only lends its compute-dtype caches of A and B). Saved: x, U = drop(x)
-// A^T, A and B in the compute dtype (save_for_backward), the bool dropout mask, and what
-// save_base_weight keeps. output_read = false: U only (the backward's dB needs it), no y.
+// differentiable. Saved: x, U = drop(x) A^T, A, B (save_for_backward), the bool dropout mask, and
+// what save_base_weight keeps. output_read = false: U only (the backward's dB needs it), no y.
 struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
-                            const LoraLinear* lora, const LinearWeight* base, DequantScratch* scratch, double scale,
-                            double dropout, bool training, bool output_read) {
+                            const LinearWeight* base, DequantScratch* scratch, double scale, double dropout, bool training,
+                            bool output_read) {
     const at::ScalarType dtype = x.scalar_type();
-    const at::Tensor A_c = compute_copy(A, lora->A_compute, dtype), B_c = compute_copy(B, lora->B_compute, dtype);
     at::Tensor y;
     if (output_read) {
       y = at::linear(x, base_weight_forward(ctx, *base, *scratch, dtype), bias_of(*base));
@@ -246,12 +226,12 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
       mask = at::empty(x.sizes(), x.options().dtype(at::kBool)).bernoulli_(1.0 - dropout);
       dropped = (x * mask).mul_(1.0 / (1.0 - dropout));  // as at::dropout: x * mask / (1 - p)
     }
-    const at::Tensor u = at::linear(dropped, A_c);  // [..., r]
+    const at::Tensor u = at::linear(dropped, A.to(dtype));  // [..., r]
     // PEFT: result + lora_B(lora_A(x)) * scaling, as one GEMM with the add and the scale in its
     // epilogue (y += scale u B^T, one rounding instead of three and no extra passes over y).
     const int64_t r = A.size(0), out = B.size(0);
-    if (output_read) y.view({-1, out}).addmm_(u.reshape({-1, r}), B_c.t(), /*beta=*/1, /*alpha=*/scale);
-    ctx->save_for_backward({x, u, A_c, B_c});
+    if (output_read) y.view({-1, out}).addmm_(u.reshape({-1, r}), B.to(dtype).t(), /*beta=*/1, /*alpha=*/scale);
+    ctx->save_for_backward({x, u, A, B});
     ctx->saved_data["mask"] = mask;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["dropout"] = dropout;
@@ -264,8 +244,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     const variable_list saved = ctx->get_saved_variables();
     at::Tensor dx, dA, dB;
     if (ctx->needs_input_grad(0)) dx = at::matmul(g, base_weight_backward(ctx, dtype));
-    const at::Tensor &x = saved[0], &u = saved[1];
-    const at::Tensor A = saved[2].to(dtype), B = saved[3].to(dtype);  // already in dtype: no copies
+    const at::Tensor &x = saved[0], &u = saved[1], &A = saved[2], &B = saved[3];
     const at::Tensor mask = ctx->saved_data["mask"].toTensor();
     const double scale = ctx->saved_data["scale"].toDouble();
     const double keep_scale = mask.defined() ? 1.0 / (1.0 - ctx->saved_data["dropout"].toDouble()) : 1.0;
@@ -273,7 +252,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     const at::Tensor g2 = g.reshape({-1, out}), u2 = u.reshape({-1, r});
     if (ctx->needs_input_grad(2)) dB = mm_as(g2.t(), u2, at::kFloat).mul_(scale);
     if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
-      const at::Tensor du = at::mm(g2, B).mul_(scale);  // [N, r]
+      const at::Tensor du = at::mm(g2, B.to(dtype)).mul_(scale);  // [N, r]
       if (ctx->needs_input_grad(1)) {
         const at::Tensor x2 = x.reshape({-1, in});
         const at::Tensor dropped = mask.defined() ? (x2 * mask.reshape({-1, in})).mul_(keep_scale) : x2;
@@ -281,15 +260,15 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
       }
       if (ctx->needs_input_grad(0)) {
         if (mask.defined()) {
-          at::Tensor dxl = at::mm(du, A);  // [N, in]
+          at::Tensor dxl = at::mm(du, A.to(dtype));  // [N, in]
           dxl.mul_(mask.reshape({-1, in})).mul_(keep_scale);
           dx.add_(dxl.view(dx.sizes()));
         } else {
-          dx.view({-1, in}).addmm_(du, A);  // dx += du A in the GEMM's epilogue
+          dx.view({-1, in}).addmm_(du, A.to(dtype));  // dx += du A in the GEMM's epilogue
         }
       }
     }
-    return {dx, dA, dB, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, dA, dB, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -317,8 +296,6 @@ at::Tensor nf4_lora_linear_through_op(const at::Tensor& x, const LinearWeight& b
 
 }  // namespace
 
-void set_lora_cast_cache(bool on) { g_lora_cast_cache = on; }
-
 at::Tensor mm_as(const at::Tensor& a, const at::Tensor& b, at::ScalarType out_dtype) {
   const bool half = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
   if (a.is_cuda() && half && out_dtype == at::kFloat) return at::mm(a, b, at::kFloat);
@@ -341,7 +318,7 @@ at::Tensor lora_linear_forward(const at::Tensor& x, const LinearWeight& base, co
                   lora->A.size(0) == lora->B.size(1),
               "lora_linear_forward: LoRA A ", lora->A.sizes(), " / B ", lora->B.sizes(), " do not fit a [",
               base.out_features, ", ", base.in_features, "] weight (expected A [r, in], B [out, r])");
-  return LoraLinearFunction::apply(x, lora->A, lora->B, lora, &base, &scratch, lora->scale, lora->dropout, training,
+  return LoraLinearFunction::apply(x, lora->A, lora->B, &base, &scratch, lora->scale, lora->dropout, training,
                                    output_read || !at::GradMode::is_enabled());
 }
 
