@@ -18,14 +18,14 @@ namespace qlora {
 
 struct NF4Tensor;
 struct DequantScratch;
+struct LoraLinear;
+struct LoraLayer;
 
 // a b (2-D, compute dtype) in `out_dtype`: a LoRA master's gradient, fp32 for fp32 masters. On
 // CUDA, bf16 / fp16 inputs with an fp32 result, the GEMM writes fp32 itself (mm with out_dtype: the
 // products accumulate in fp32 and are never rounded to bf16; one kernel instead of a GEMM and a
 // cast); otherwise mm and a cast (lora.cpp).
 at::Tensor mm_as(const at::Tensor& a, const at::Tensor& b, at::ScalarType out_dtype);
-struct LoraLinear;
-struct LoraLayer;
 
 // cos/sin [B, T, head_dim] in `dtype` for int64 position ids [B, T] (rope.cpp).
 std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, double attention_scaling,
