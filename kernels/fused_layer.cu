@@ -8,7 +8,7 @@
 //
 // RoPE (rotary embedding on q and k): written with ATen ops it is a neg, a cat and three
 // elementwise kernels over strided (transposed) q / k, forward and again in the backward; here one
-// pass, one thread per rotated pair, reading and writing the tensors in their own strides.
+// pass, a warp per row of head_dim values, reading and writing the tensors in their own strides.
 //
 // Layout: RMSNorm: one CTA of 256 threads per row, 16-byte vectors (8 bf16/fp16 or 4 fp32 values)
 // when hidden is a multiple of the vector width and every pointer is 16-byte aligned, else scalar;
@@ -231,30 +231,37 @@ __global__ void __launch_bounds__(kEltThreads) swiglu_backward_kernel(const T* _
   }
 }
 
-// One thread per (row, i < head_dim / 2) pair: both halves of the rotation together.
+// One warp per row of head_dim values (grid-stride over the batch * heads * seq rows), each lane
+// rotating pairs (i, i + head_dim / 2) for i = lane, lane + 32, ...: both halves of the rotation
+// together, consecutive lanes on consecutive elements. The row's position is split into (batch,
+// head, token) once per warp: the earlier form, one thread per pair, paid three 64-bit divisions
+// per pair -- a long software routine on the GPU -- and ran at ~4x its memory time on an H100.
 template <typename T, bool BACKWARD>
 __global__ void __launch_bounds__(kEltThreads) rope_kernel(const T* __restrict__ x, const T* __restrict__ cos,
                                                            const T* __restrict__ sin, T* __restrict__ out,
                                                            RopeArgs a) {
+  constexpr int kWarpsPerBlock = kEltThreads / 32;
+  const int lane = static_cast<int>(threadIdx.x % 32);
   const int64_t half = a.head_dim / 2;
-  const int64_t pairs = a.batch * a.heads * a.seq * half;
-  const int64_t stride = int64_t{gridDim.x} * kEltThreads;
-  for (int64_t p = int64_t{blockIdx.x} * kEltThreads + threadIdx.x; p < pairs; p += stride) {
-    const int64_t i = p % half;
-    const int64_t row = p / half;  // over (batch, heads, seq)
+  const int64_t rows = a.batch * a.heads * a.seq;
+  const int64_t stride = int64_t{gridDim.x} * kWarpsPerBlock;
+  for (int64_t row = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / 32; row < rows; row += stride) {
     const int64_t t = row % a.seq, h = (row / a.seq) % a.heads, b = row / (a.seq * a.heads);
     const T* xr = x + b * a.x_stride[0] + h * a.x_stride[1] + t * a.x_stride[2];
     T* outr = out + b * a.out_stride[0] + h * a.out_stride[1] + t * a.out_stride[2];
-    const int64_t cs = b * a.cs_stride[0] + t * a.cs_stride[1];
-    const float x1 = to_float(xr[i]), x2 = to_float(xr[i + half]);
-    const float c1 = to_float(cos[cs + i]), c2 = to_float(cos[cs + i + half]);
-    const float s1 = to_float(sin[cs + i]), s2 = to_float(sin[cs + i + half]);
-    if constexpr (!BACKWARD) {
-      outr[i] = from_float<T>(round_to<T>(x1 * c1) - round_to<T>(x2 * s1));
-      outr[i + half] = from_float<T>(round_to<T>(x2 * c2) + round_to<T>(x1 * s2));
-    } else {
-      outr[i] = from_float<T>(round_to<T>(x1 * c1) + round_to<T>(x2 * s2));
-      outr[i + half] = from_float<T>(round_to<T>(x2 * c2) - round_to<T>(x1 * s1));
+    const T* cr = cos + b * a.cs_stride[0] + t * a.cs_stride[1];
+    const T* sr = sin + b * a.cs_stride[0] + t * a.cs_stride[1];
+    for (int64_t i = lane; i < half; i += 32) {
+      const float x1 = to_float(xr[i]), x2 = to_float(xr[i + half]);
+      const float c1 = to_float(cr[i]), c2 = to_float(cr[i + half]);
+      const float s1 = to_float(sr[i]), s2 = to_float(sr[i + half]);
+      if constexpr (!BACKWARD) {
+        outr[i] = from_float<T>(round_to<T>(x1 * c1) - round_to<T>(x2 * s1));
+        outr[i + half] = from_float<T>(round_to<T>(x2 * c2) + round_to<T>(x1 * s2));
+      } else {
+        outr[i] = from_float<T>(round_to<T>(x1 * c1) + round_to<T>(x2 * s2));
+        outr[i + half] = from_float<T>(round_to<T>(x2 * c2) - round_to<T>(x1 * s1));
+      }
     }
   }
 }
@@ -323,7 +330,7 @@ cudaError_t launch_rope(const RopeArgs& a, cudaStream_t s) {
   const auto* c = static_cast<const T*>(a.cos);
   const auto* sn = static_cast<const T*>(a.sin);
   auto* out = static_cast<T*>(a.out);
-  const int blocks = elementwise_blocks(a.batch * a.heads * a.seq * (a.head_dim / 2));
+  const int blocks = elementwise_blocks(a.batch * a.heads * a.seq * 32);  // a warp per row
   if (a.backward) rope_kernel<T, true><<<blocks, kEltThreads, 0, s>>>(x, c, sn, out, a);
   else rope_kernel<T, false><<<blocks, kEltThreads, 0, s>>>(x, c, sn, out, a);
   return cudaGetLastError();

@@ -220,7 +220,7 @@ TEST_CASE("fused rope CUDA kernel equals the CPU reference bit for bit, strided 
   const uint64_t seed = qlora::test::fresh_seed();
   CAPTURE(seed);
   for (const at::ScalarType dt : {at::kFloat, at::kBFloat16, at::kHalf}) {
-    for (const int64_t D : {int64_t{2}, int64_t{10}, int64_t{64}, int64_t{128}}) {
+    for (const int64_t D : {int64_t{2}, int64_t{10}, int64_t{64}, int64_t{96}, int64_t{128}, int64_t{256}}) {
       for (const bool contiguous : {false, true}) {
         CAPTURE(dt, D, contiguous);
         at::Tensor x = projected(2, 5, 33, D, seed, dt);
