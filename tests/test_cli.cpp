@@ -9,6 +9,8 @@
 #include <fstream>
 #include <string>
 
+#include <nlohmann/json.hpp>
+
 #include "test_util.h"
 
 using Catch::Matchers::ContainsSubstring;
@@ -127,4 +129,45 @@ TEST_CASE("qlora bench ce / flce: bad input or no GPU exits 2 with one line", "[
     CHECK((no_gpu || bad_iters));
     CHECK_THAT(r.output, ContainsSubstring(std::string("qlora bench ") + op + ":"));
   }
+}
+
+TEST_CASE("qlora bench fused --cases small: eight rows, the minimal bytes by hand, JSON; bad input exits 2", "[cli]") {
+  const std::string json_path = temp_file("fused.json", "");
+  Run r = run_qlora("bench fused --cases small --iters 2 --json " + json_path);
+  REQUIRE(r.status == 0);
+  CHECK_THAT(r.output, ContainsSubstring("rope q"));
+  std::ifstream in(json_path);
+  const nlohmann::json j = nlohmann::json::parse(in);
+  CHECK(j["bench"] == "fused");
+  CHECK(j["cases"] == "small");
+  CHECK(j["tokens"] == 66);  // batch 2 x seq 33
+  REQUIRE(j["rows"].size() == 8);
+  // Small shapes: tokens 66, hidden 96, intermediate 200, q heads 6, k heads 2, head_dim 16; bf16.
+  const double x = 66.0 * 96 * 2, t = 66.0 * 200 * 2, cs = 2.0 * 66 * 16 * 2;
+  const double want[8] = {2 * x + 66 * 4,   2 * x + 66 * 4 + 3 * x + 66 * 4,
+                          3 * t,            8 * t,
+                          2 * (66.0 * 6 * 16 * 2) + cs, 2 * (2 * (66.0 * 6 * 16 * 2) + cs),
+                          2 * (66.0 * 2 * 16 * 2) + cs, 2 * (2 * (66.0 * 2 * 16 * 2) + cs)};
+  const char* ops[8] = {"rms_norm", "rms_norm", "swiglu", "swiglu", "rope q", "rope q", "rope k", "rope k"};
+  for (size_t i = 0; i < 8; ++i) {
+    CAPTURE(i);
+    const nlohmann::json& row = j["rows"][i];
+    CHECK(row["op"] == ops[i]);
+    CHECK(row["pass"] == (i % 2 ? "fwd+bwd" : "fwd"));
+    CHECK(row["bytes"].get<double>() == want[i]);
+    CHECK(row["fused_ms"].get<double>() > 0);
+    CHECK(row["aten_ms"].get<double>() > 0);
+  }
+  std::filesystem::remove(json_path);
+
+  Run bad = run_qlora("bench fused --iters=-1");
+  CHECK(bad.status == 2);
+  CHECK(count_lines(bad.output) == 1);
+  CHECK_THAT(bad.output, ContainsSubstring("qlora bench fused: --iters must be >= 1, found -1"));
+  Run bad_cases = run_qlora("bench fused --cases big");
+  CHECK(bad_cases.status == 2);
+  CHECK_THAT(bad_cases.output, ContainsSubstring("--cases"));
+  Run bad_json = run_qlora("bench fused --cases small --iters 1 --json /nonexistent-dir/x.json");
+  CHECK(bad_json.status == 2);
+  CHECK_THAT(bad_json.output, ContainsSubstring("cannot write --json file /nonexistent-dir/x.json"));
 }

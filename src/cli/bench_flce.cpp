@@ -356,13 +356,10 @@ int run_bench_flce(const FlceBenchOptions&, int, const std::string&) {
 
 }  // namespace
 
-BenchFlceFn add_bench_flce_options(CLI::App& bench) {
-  auto st = std::make_shared<FlceBenchOptions>();
-  bench.add_option("--cases", st->cases, "flce: all (N=4096 and 16384 at H=4096 V=128256, N=8192 H=2304 V=256000) or "
-                                         "small (N=4096 only)")
-      ->check(CLI::IsMember({"all", "small"}))
-      ->capture_default_str();
-  return [st](int iters, const std::string& json_path) { return run_bench_flce(*st, iters, json_path); };
+int bench_flce(const std::string& cases, int iters, const std::string& json_path) {
+  FlceBenchOptions o;
+  if (!cases.empty()) o.cases = cases;
+  return run_bench_flce(o, iters, json_path);
 }
 
 }  // namespace qlora::cli

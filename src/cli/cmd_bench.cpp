@@ -1,7 +1,7 @@
 // qlora bench OP: time a kernel next to the plain-libtorch way of doing the same thing, in the
 // same process, on the current CUDA device. Ops: nf4 (the single-pass NF4 dequant); model (the
 // decoder end to end: src/cli/bench_model.cpp); train (QLoRA training steps: bench_train.cpp); flce (fused linear cross-entropy: bench_flce.cpp);
-// ce (the in-place cross-entropy chunk kernels: bench_ce.cpp);
+// ce (the in-place cross-entropy chunk kernels: bench_ce.cpp); fused (RMSNorm / SwiGLU / RoPE: bench_fused.cpp);
 // tokenizer (encode throughput on the CPU: bench_tokenizer.cpp).
 //
 // Method (why): every figure is a median over --iters samples; each sample is one pass over
@@ -40,6 +40,7 @@ struct BenchOptions {
   std::string dtype = "all";
   int iters = 50;
   std::string json_path;
+  std::string cases;  // flce, fused: all or small ("" = the op's default)
 };
 
 #ifdef QLORA_WITH_CUDA
@@ -249,29 +250,36 @@ CommandFn add_bench_command(CLI::App& app) {
                                           "training: qlora bench train --shape llama-3.2-1b|llama-3-8b|... [--seq 2048] "
                                           "[--batch 1] [--rank 16] [--steps 10] [--warmup 3] [--json FILE]; "
                                           "fused linear cross-entropy: qlora bench flce [--iters 5] [--cases all|small] "
-                                          "[--json FILE]; its cross-entropy kernels: qlora bench ce [--iters 20] [--json FILE]; tokenizer encode throughput: qlora bench tokenizer [--tokenizer PATH] "
+                                          "[--json FILE]; its cross-entropy kernels: qlora bench ce [--iters 20] [--json FILE]; "
+                                          "the fused RMSNorm / SwiGLU / RoPE kernels: qlora bench fused [--cases all|small] "
+                                          "[--iters 20] [--json FILE]; tokenizer encode throughput: qlora bench tokenizer [--tokenizer PATH] "
                                           "[--threads N] [--text FILE] [--iters 3] [--json FILE]");
   sub->add_option("op", st->op, "what to measure: nf4 (NF4 dequantize), model (load + forward, bench_model.cpp), "
                                  "train (QLoRA training steps on a random model of a named shape, bench_train.cpp), "
-                                 "flce (fused linear cross-entropy, bench_flce.cpp), ce (its in-place cross-entropy kernels, bench_ce.cpp), tokenizer (encode MB/s, "
+                                 "flce (fused linear cross-entropy, bench_flce.cpp), ce (its in-place cross-entropy kernels, bench_ce.cpp), fused (RMSNorm / SwiGLU / RoPE kernels vs the ATen ops, bench_fused.cpp), tokenizer (encode MB/s, "
                                  "bench_tokenizer.cpp)")
       ->required()
-      ->check(CLI::IsMember({"nf4", "model", "train", "flce", "ce", "tokenizer"}));
+      ->check(CLI::IsMember({"nf4", "model", "train", "flce", "ce", "fused", "tokenizer"}));
   sub->add_option("--dtype", st->dtype, "output dtype(s); model: the compute dtype (all = bf16)")
       ->check(CLI::IsMember({"bf16", "fp16", "fp32", "all"}))
       ->capture_default_str();
-  auto* iters = sub->add_option("--iters", st->iters, "timed samples per measurement (median); model, flce: default 5; ce: 20");
+  auto* iters = sub->add_option("--iters", st->iters, "timed samples per measurement (median); model, flce: default 5; ce, fused: 20 (fused on the CPU: 3)");
   iters->capture_default_str();
   sub->add_option("--json", st->json_path, "also write the results to this JSON file");
+  sub->add_option("--cases", st->cases,
+                  "flce: all (N=4096 and 16384 at H=4096 V=128256, N=8192 H=2304 V=256000, the default) or small "
+                  "(N=4096 only); fused: all (a Llama-3-8B layer at 4,096 tokens) or small (tiny odd shapes); default "
+                  "all on CUDA, small on the CPU")
+      ->check(CLI::IsMember({"all", "small"}));
   auto run = std::make_shared<BenchRunOptions>();
   BenchModelFn bench_model = add_bench_model_options(*sub, run);
   BenchTrainFn bench_train = add_bench_train_options(*sub, run);
-  BenchFlceFn bench_flce = add_bench_flce_options(*sub);
   BenchTokenizerFn bench_tokenizer = add_bench_tokenizer_options(*sub);
-  return [st, iters, bench_model, bench_train, bench_flce, bench_tokenizer] {
+  return [st, iters, bench_model, bench_train, bench_tokenizer] {
     if (st->op == "model") return bench_model(st->dtype, iters->count() > 0 ? st->iters : 0, st->json_path);
     if (st->op == "train") return bench_train(st->dtype, st->json_path);
-    if (st->op == "flce") return bench_flce(iters->count() > 0 ? st->iters : 0, st->json_path);
+    if (st->op == "flce") return bench_flce(st->cases, iters->count() > 0 ? st->iters : 0, st->json_path);
+    if (st->op == "fused") return bench_fused(st->cases, iters->count() > 0 ? st->iters : 0, st->json_path);
     if (st->op == "ce") return bench_ce(iters->count() > 0 ? st->iters : 0, st->json_path);
     if (st->op == "tokenizer") return bench_tokenizer(iters->count() > 0 ? st->iters : 0, st->json_path);
     if (st->dtype == "fp32") throw UserError("qlora bench nf4: --dtype must be bf16, fp16 or all (fp32 is for bench model)");

@@ -51,10 +51,13 @@ BenchModelFn add_bench_model_options(CLI::App& bench, std::shared_ptr<BenchRunOp
 using BenchTrainFn = std::function<int(const std::string& dtype, const std::string& json_path)>;
 BenchTrainFn add_bench_train_options(CLI::App& bench, std::shared_ptr<const BenchRunOptions> run);
 
-// qlora bench flce (bench_flce.cpp): adds --cases; the returned function runs it with bench's
-// --iters (0 when not given) and --json values.
-using BenchFlceFn = std::function<int(int iters, const std::string& json_path)>;
-BenchFlceFn add_bench_flce_options(CLI::App& bench);
+// qlora bench flce (bench_flce.cpp) with bench's --cases ("" = all), --iters (0 when not given)
+// and --json values.
+int bench_flce(const std::string& cases, int iters, const std::string& json_path);
+
+// qlora bench fused (bench_fused.cpp): the fused RMSNorm / SwiGLU / RoPE kernels next to the ATen
+// ops; --cases "" = all on CUDA, small on the CPU; iters 0 = default.
+int bench_fused(const std::string& cases, int iters, const std::string& json_path);
 
 // qlora bench ce (bench_ce.cpp): the in-place cross-entropy chunk kernels; iters 0 = default.
 int bench_ce(int iters, const std::string& json_path);
