@@ -64,15 +64,12 @@ int sets_for(double bytes_per_set) {
 // The ATen ops of the unfused layer: the fused-kernel switch off while fn runs.
 template <typename F>
 void with_aten_ops(F&& fn) {
-  const bool was = fused_kernels();
+  struct Restore {
+    bool was = fused_kernels();
+    ~Restore() { set_fused_kernels(was); }
+  } restore;
   set_fused_kernels(false);
-  try {
-    fn();
-  } catch (...) {
-    set_fused_kernels(was);
-    throw;
-  }
-  set_fused_kernels(was);
+  fn();
 }
 
 struct Row {
