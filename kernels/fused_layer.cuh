@@ -13,9 +13,13 @@ namespace qlora::kernels {
 // RMSNorm as transformers' LlamaRMSNorm computes it, per row of x [rows, hidden]:
 //   r = rsqrt(mean(x^2) + eps)             (fp32; x read as fp32)
 //   y = round_T(x * r);  out = round_T(w * y)   (w and out of x's type T)
-// and r is stored in rstd [rows] (fp32) when rstd != nullptr, for the backward.
+// and r is stored in rstd [rows] (fp32) when rstd != nullptr, for the backward. With delta (and
+// sum) given, the row normalized is the residual add s = round_T(x + delta), also written to sum
+// (add_rms_norm: the layer's residual stream and its norm in one pass).
 struct RmsNormForwardArgs {
   const void* x = nullptr;   // [rows, hidden], row stride hidden (contiguous)
+  const void* delta = nullptr;  // nullptr, or [rows, hidden] added to x first
+  void* sum = nullptr;       // [rows, hidden] when delta is given (x + delta), else nullptr
   const void* w = nullptr;   // [hidden]
   void* out = nullptr;       // [rows, hidden]
   float* rstd = nullptr;     // [rows] or nullptr
@@ -27,12 +31,15 @@ struct RmsNormForwardArgs {
 cudaError_t rms_norm_forward(const RmsNormForwardArgs& args, cudaStream_t stream);
 
 // d(loss)/dx of RMSNorm (w frozen), fp32 math, per row: g = w * dy; n = x * r;
-//   dx = round_T(r * (g - n * mean(g * n))).
+//   dx = round_T(r * (g - n * mean(g * n))),
+// or with dres (the gradient reaching x by the residual path), dx = round_T(that + dres): the sum
+// autograd would make of the two T tensors, without the separate add.
 struct RmsNormBackwardArgs {
   const void* dy = nullptr;    // [rows, hidden]
   const void* x = nullptr;     // [rows, hidden]
   const void* w = nullptr;     // [hidden]
   const float* rstd = nullptr; // [rows]
+  const void* dres = nullptr;  // nullptr or [rows, hidden]
   void* dx = nullptr;          // [rows, hidden]
   FloatType type = FloatType::bf16;
   int64_t rows = 0;

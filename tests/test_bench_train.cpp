@@ -5,7 +5,9 @@
 // torch headers before Catch: c10 defines a CHECK macro that Catch must override.
 #include "qlora/model.h"
 #include "qlora/trainer.h"
+#include "util/timeline.h"
 
+#include <catch2/catch_approx.hpp>
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 #include <nlohmann/json.hpp>
@@ -153,4 +155,31 @@ TEST_CASE("qlora bench train: bad input exits 2 with one line", "[bench_train][c
     CHECK(r.status == 2);
   }
   CHECK_THAT(run_qlora("bench train --shape llama-9b --device cpu").output, ContainsSubstring("llama-3-8b"));
+}
+
+TEST_CASE("idle_gaps: gaps between kernels over two streams, longest first, with the host op in each", "[bench_train]") {
+  // Kernels (ns): a [0, 100), b [150, 400) on stream 1 and c [200, 300) on stream 2 (inside b: no gap
+  // after c), d [1000, 1100), e [1100, 1200) (touching: no gap), f [5000, 5010).
+  const std::vector<TimedEvent> kernels = {{1000, 1100, "d"}, {0, 100, "a"},       {200, 300, "c"},
+                                           {150, 400, "b"},   {5000, 5010, "f"},  {1100, 1200, "e"}};
+  // Host ops: an outer "step" over everything, an "item" sync inside the 1200..5000 gap, "launch"
+  // inside the 400..1000 gap; the innermost one spanning a gap's middle names it.
+  const std::vector<TimedEvent> host = {{0, 6000, "step"}, {2000, 4000, "item"}, {3000, 3050, "tiny"}, {500, 900, "launch"}};
+  const IdleSummary s = idle_gaps(kernels, host, 2);
+  CHECK(s.total_ms == Catch::Approx((50 + 600 + 3800) / 1e6));
+  REQUIRE(s.longest.size() == 2);
+  CHECK(s.longest[0].ms == Catch::Approx(3800 / 1e6));  // e -> f, its middle (3100) in "item", not in "tiny"
+  CHECK(s.longest[0].before == "e");
+  CHECK(s.longest[0].after == "f");
+  CHECK(s.longest[0].host == "item");
+  CHECK(s.longest[1].ms == Catch::Approx(600 / 1e6));  // b (not c, which ended earlier) -> d
+  CHECK(s.longest[1].before == "b");
+  CHECK(s.longest[1].after == "d");
+  CHECK(s.longest[1].host == "launch");
+  // A minimum length drops the short gaps from the list but not from the total; no kernels, no gaps.
+  const IdleSummary big = idle_gaps(kernels, {}, 10, 1000);
+  CHECK(big.longest.size() == 1);
+  CHECK(big.longest[0].host.empty());
+  CHECK(big.total_ms == Catch::Approx(s.total_ms));
+  CHECK(idle_gaps({}, host, 3).longest.empty());
 }

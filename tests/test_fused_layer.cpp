@@ -5,6 +5,7 @@
 // scalar (misaligned) paths; and a training run with the fused kernels against one without.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include "qlora/fused_layer.h"
 #include "qlora/model.h"
@@ -14,6 +15,7 @@
 #include <catch2/matchers/catch_matchers_string.hpp>
 
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -181,6 +183,68 @@ TEST_CASE("fused kernels in the decoder layer: forward and LoRA-free input gradi
 }
 
 namespace {
+// The decoder layer's norm pattern, gradients from three upstream terms: x = norm1(h), s = h + d,
+// y = norm2(s); folded: the keep-input norm and add_rms_norm (the residual gradients summed in the
+// norms' backward), else rms_norm_fused and separate adds. Returns x, s, y, dh, dd.
+std::vector<at::Tensor> norm_pattern(bool folded, const at::Tensor& h0, const at::Tensor& d0, const at::Tensor& w1,
+                                     const at::Tensor& w2, const std::vector<at::Tensor>& grads) {
+  const at::Tensor h = h0.clone().requires_grad_(true), d = d0.clone().requires_grad_(true);
+  at::Tensor x, s, y;
+  if (folded) {
+    at::Tensor hp;
+    std::tie(x, hp) = qlora::rms_norm_fused_keep_input(h, w1, 1e-5);
+    std::tie(s, y) = qlora::add_rms_norm_fused(hp, d, w2, 1e-5);
+  } else {
+    x = qlora::rms_norm_fused(h, w1, 1e-5);
+    s = h + d;
+    y = qlora::rms_norm_fused(s, w2, 1e-5);
+  }
+  torch::autograd::backward({x, s, y}, grads);
+  return {x.detach(), s.detach(), y.detach(), h.grad(), d.grad()};
+}
+
+void check_norm_pattern(const at::Device& dev, at::ScalarType dt, int64_t rows, int64_t hidden, uint64_t seed) {
+  CAPTURE(dev, dt, rows, hidden);
+  auto t = [&](uint64_t k, double scale) { return randn({rows, hidden}, seed + k, scale).to(dt).to(dev); };
+  const at::Tensor w1 = (1 + randn({hidden}, seed + 1, 0.1)).to(dt).to(dev), w2 = (1 + randn({hidden}, seed + 2, 0.1)).to(dt).to(dev);
+  const std::vector<at::Tensor> grads = {t(3, 1.0), t(4, 1.0), t(5, 1.0)};
+  const std::vector<at::Tensor> a = norm_pattern(true, t(6, 2.0), t(7, 1.0), w1, w2, grads);
+  const std::vector<at::Tensor> b = norm_pattern(false, t(6, 2.0), t(7, 1.0), w1, w2, grads);
+  for (size_t i = 0; i < a.size(); ++i) {
+    CAPTURE(i);
+    CHECK(at::equal(a[i], b[i]));
+  }
+}
+}  // namespace
+
+TEST_CASE("fused norms with the residual folded in: bit for bit rms_norm_fused and separate adds (CPU)", "[fused_layer]") {
+  for (const at::ScalarType dt : {at::kFloat, at::kBFloat16})
+    for (const auto& [rows, hidden] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {3, 37}, {4, 64}})
+      check_norm_pattern(at::Device(at::kCPU), dt, rows, hidden, 40);
+  // Bad arguments: one-line errors naming the tensors.
+  const at::Tensor h = randn({2, 8}, 1), w = randn({8}, 2);
+  CHECK_THROWS_WITH(qlora::add_rms_norm_fused_forward(h, randn({2, 7}, 3), w, 1e-6, false),
+                    ContainsSubstring("add_rms_norm: h [2, 8] and delta [2, 7] must have one shape"));
+  CHECK_THROWS_WITH(qlora::add_rms_norm_fused_forward(h, randn({2, 8}, 3).to(at::kBFloat16), w, 1e-6, false),
+                    ContainsSubstring("one type and device"));
+  auto [out, rstd] = qlora::rms_norm_fused_forward(h, w, 1e-6, true);
+  CHECK_THROWS_WITH(qlora::rms_norm_fused_backward(randn({2, 8}, 4), h, w, rstd, randn({2, 9}, 5)),
+                    ContainsSubstring("residual_grad [2, 9] must have x's shape [2, 8]"));
+  CHECK_THROWS_WITH(qlora::add_rms_norm_fused(h.clone().requires_grad_(true), h, w.clone().requires_grad_(true), 1e-6),
+                    ContainsSubstring("frozen"));
+}
+
+TEST_CASE("fused norms with the residual folded in: CUDA kernels bit for bit rms_norm_fused and separate adds", "[fused_layer][cuda]") {
+  QLORA_REQUIRE_CUDA();
+  const uint64_t seed = qlora::test::fresh_seed();
+  CAPTURE(seed);
+  for (const at::ScalarType dt : {at::kFloat, at::kBFloat16, at::kHalf})
+    // Odd hidden sizes take the scalar path, multiples of 8 the vector one.
+    for (const auto& [rows, hidden] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {3, 37}, {5, 64}, {7, 4096}, {33, 4100}})
+      check_norm_pattern(at::Device(at::kCUDA), dt, rows, hidden, seed);
+}
+
+namespace {
 // q as the layer makes it: a [B, T, heads * D] projection viewed as [B, heads, T, D] (transposed).
 at::Tensor projected(int64_t B, int64_t H, int64_t T, int64_t D, uint64_t seed, at::ScalarType dt) {
   return randn({B, T, H * D}, seed, 2.0).to(dt).view({B, T, H, D}).transpose(1, 2);
@@ -221,14 +285,23 @@ TEST_CASE("fused rope CUDA kernel equals the CPU reference bit for bit, strided 
   CAPTURE(seed);
   for (const at::ScalarType dt : {at::kFloat, at::kBFloat16, at::kHalf}) {
     for (const int64_t D : {int64_t{2}, int64_t{10}, int64_t{64}, int64_t{96}, int64_t{128}, int64_t{256}}) {
-      for (const bool contiguous : {false, true}) {
-        CAPTURE(dt, D, contiguous);
+      // 0: the transposed projection; 1: contiguous; 2: rows padded by 2 values and offset by 1
+      // (strides and pointer not multiples of the kernel's 4-value vector: the scalar path).
+      for (const int layout : {0, 1, 2}) {
+        const bool contiguous = layout == 1;
+        CAPTURE(dt, D, layout);
         at::Tensor x = projected(2, 5, 33, D, seed, dt);
         if (contiguous) x = x.contiguous();
+        at::Tensor xc = x.cuda();  // a dense layout is kept by the copy
+        if (layout == 2) {
+          const at::Tensor padded = at::zeros({2, 5, 33, D + 2}, xc.options());
+          padded.narrow(-1, 1, D).copy_(x);
+          xc = padded.narrow(-1, 1, D);
+        }
         const auto [c, s] = cos_sin(2, 33, D, seed + 1, dt);
         const at::Tensor dy = randn({2, 5, 33, D}, seed + 2).to(dt);
-        const at::Tensor out = qlora::rope_fused_forward(x.cuda(), c.cuda(), s.cuda());
-        CHECK(out.strides() == x.cuda().strides());  // the output keeps x's layout
+        const at::Tensor out = qlora::rope_fused_forward(xc, c.cuda(), s.cuda());
+        if (layout != 2) CHECK(out.strides() == xc.strides());  // the output keeps x's dense layout
         CHECK(at::equal(out.cpu(), qlora::rope_fused_forward(x, c, s)));
         CHECK(at::equal(qlora::rope_fused_backward(dy.cuda(), c.cuda(), s.cuda()).cpu(), qlora::rope_fused_backward(dy, c, s)));
       }

@@ -4,6 +4,7 @@
 // PEFT adapter save/load and malformed adapter directories. The "[.peft_oracle]" hook at the end is
 // driven by tests/oracle/peft_parity.py (HF PEFT loads our adapter; logits and first-step grads).
 // torch headers before Catch: c10 defines a CHECK macro that Catch must override.
+#include "model/internal.h"
 #include "qlora/config.h"
 #include "qlora/error.h"
 #include "qlora/hf_config.h"
@@ -248,6 +249,61 @@ TEST_CASE("lora on CUDA in bf16: y, dX, dA, dB against the fp32 reference; fp32 
       CHECK(rel_err(got[2].cpu(), want[2]) < 2e-2);
     }
   }
+}
+
+TEST_CASE("lora: a group of projections of one input -- each member's values and adapter gradients as alone, x's gradient the sum", "[lora]") {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(41);
+  const int64_t in = 96;
+  auto base = [&](int64_t out, bool nf4, bool bias) {
+    qlora::LinearWeight w{.out_features = out, .in_features = in};
+    const at::Tensor W = at::randn({out, in}, gen) * 0.1;
+    if (nf4) w.nf4 = qlora::nf4_quantize(W, 64, true);
+    else w.dense = W;
+    if (bias) w.bias = at::randn({out}, gen);
+    return w;
+  };
+  // q: NF4 with an adapter; k: NF4 without one (an untargeted projection); v: dense, biased, adapted.
+  const qlora::LinearWeight q = base(40, true, false), k = base(24, true, false), v = base(24, false, true);
+  for (const double dropout : {0.0, 0.3}) {
+    CAPTURE(dropout);
+    auto adapter = [&](int64_t out, int64_t r, double scale) {
+      return qlora::LoraLinear{.A = (at::randn({r, in}, gen) * 0.2).requires_grad_(true),
+                               .B = (at::randn({out, r}, gen) * 0.2).requires_grad_(true), .scale = scale, .dropout = dropout};
+    };
+    const qlora::LoraLinear lq = adapter(40, 3, 0.7), lv = adapter(24, 2, 1.5);
+    const std::vector<const qlora::LinearWeight*> bases = {&q, &k, &v};
+    const std::vector<const qlora::LoraLinear*> loras = {&lq, nullptr, &lv};
+    const at::Tensor x0 = at::randn({2, 5, in}, gen);
+    std::vector<at::Tensor> gs;
+    for (const int64_t out : {40, 24, 24}) gs.push_back(at::randn({2, 5, out}, gen));
+    qlora::DequantScratch scratch;
+
+    const at::Tensor x = x0.clone().requires_grad_(true);
+    at::manual_seed(3);
+    const std::vector<at::Tensor> ys = qlora::lora_linear_group_forward(x, bases, loras, scratch, /*training=*/true);
+    const auto got = torch::autograd::grad(ys, {x, lq.A, lq.B, lv.A, lv.B}, gs);
+
+    const at::Tensor xa = x0.clone().requires_grad_(true);
+    at::manual_seed(3);  // the same dropout masks: drawn member by member in both
+    std::vector<at::Tensor> alone;
+    for (size_t i = 0; i < bases.size(); ++i) alone.push_back(qlora::lora_linear_forward(xa, *bases[i], loras[i], scratch, true));
+    const auto want = torch::autograd::grad(alone, {xa, lq.A, lq.B, lv.A, lv.B}, gs);
+
+    REQUIRE(ys.size() == 3);
+    for (size_t i = 0; i < 3; ++i) CHECK(at::equal(ys[i], alone[i]));
+    for (size_t i = 1; i < 5; ++i) CHECK(at::equal(got[i], want[i]));  // dA, dB: the same arithmetic
+    CHECK(rel_err(got[0], want[0]) < 1e-6);  // dx: the same terms, summed in another order
+    // Without grad (inference): the same values.
+    at::NoGradGuard no_grad;
+    at::manual_seed(3);
+    const std::vector<at::Tensor> eval = qlora::lora_linear_group_forward(x0, bases, loras, scratch, false);
+    for (size_t i = 0; i < 3; ++i) CHECK(at::equal(eval[i], qlora::lora_linear_forward(x0, *bases[i], loras[i], scratch, false)));
+  }
+  qlora::DequantScratch scratch;
+  CHECK_THROWS_WITH(qlora::lora_linear_group_forward(at::randn({2, in}), {&q, &k}, {nullptr}, scratch, false),
+                    ContainsSubstring("2 weights and 1 adapters"));
+  CHECK_THROWS_WITH(qlora::lora_linear_group_forward(at::randn({2, in + 1}), {&q}, {nullptr}, scratch, false),
+                    ContainsSubstring("input has 97 features, the weight expects 96"));
 }
 
 TEST_CASE("lora: dropout on the LoRA branch input only, when training", "[lora]") {

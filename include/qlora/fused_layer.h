@@ -22,9 +22,13 @@ bool use_fused_kernels(const at::Tensor& x);
 // kernel.
 std::tuple<at::Tensor, at::Tensor> rms_norm_fused_forward(const at::Tensor& x, const at::Tensor& w, double eps,
                                                           bool want_rstd);
-// dx of RMSNorm (w frozen) from dy, x, w and the forward's rstd.
+// dx of RMSNorm (w frozen) from dy, x, w and the forward's rstd; with residual_grad (x's shape and
+// type: the gradient reaching x by another path), dx + residual_grad as autograd would sum them.
 at::Tensor rms_norm_fused_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
-                                   const at::Tensor& rstd);
+                                   const at::Tensor& rstd, const at::Tensor& residual_grad = at::Tensor());
+// The residual add and the norm after it: (sum = h + delta in their type, RMSNorm(sum), rstd).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fused_forward(const at::Tensor& h, const at::Tensor& delta,
+                                                                          const at::Tensor& w, double eps, bool want_rstd);
 // silu(gate) * up, rounded as at::silu then a product of two tensors of their type.
 at::Tensor swiglu_fused_forward(const at::Tensor& gate, const at::Tensor& up);
 // (d_gate, d_up) of silu(gate) * up, as autograd computes them.
@@ -43,5 +47,12 @@ at::Tensor rope_fused_backward(const at::Tensor& dy, const at::Tensor& cos, cons
 at::Tensor rms_norm_fused(const at::Tensor& x, const at::Tensor& w, double eps);
 at::Tensor swiglu_fused(const at::Tensor& gate, const at::Tensor& up);
 at::Tensor rope_fused(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);  // in x; cos/sin frozen
+// The decoder layer's norms with the residual stream's gradient folded into the norm's backward
+// kernel (values and gradients bit for bit those of rms_norm_fused and a separate add):
+// rms_norm_fused_keep_input returns (norm(x), x), x to be read by the residual add instead of the
+// caller's x; add_rms_norm_fused returns (h + delta, norm(h + delta)).
+std::tuple<at::Tensor, at::Tensor> rms_norm_fused_keep_input(const at::Tensor& x, const at::Tensor& w, double eps);
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_fused(const at::Tensor& h, const at::Tensor& delta, const at::Tensor& w,
+                                                      double eps);
 
 }  // namespace qlora

@@ -52,6 +52,7 @@
 #include "qlora/lora.h"
 #include "qlora/model.h"
 #include "qlora/trainer.h"
+#include "util/timeline.h"
 
 #ifdef QLORA_WITH_CUDA
 #include <ATen/cuda/CachingHostAllocator.h>
@@ -139,7 +140,8 @@ FlopsPerToken flops_per_token(const LlamaWeights& model, const LoraModel& lora, 
 // Device time per kernel kind (ms) over one call of fn, from the Kineto profiler; "GPU idle" and
 // "wall" (ms) added.
 std::map<std::string, double> profile_step(const std::function<void()>& fn,
-                                           std::map<std::string, double>& other_by_name) {
+                                           std::map<std::string, double>& other_by_name, IdleSummary& idle,
+                                           size_t n_gaps) {
   namespace prof = torch::autograd::profiler;
   using torch::profiler::impl::ActivityType;
   const torch::profiler::impl::ProfilerConfig cfg(torch::profiler::impl::ProfilerState::KINETO);
@@ -154,10 +156,16 @@ std::map<std::string, double> profile_step(const std::function<void()>& fn,
   const std::unique_ptr<prof::ProfilerResult> result = prof::disableProfiler();
   std::map<std::string, double> ms;
   double kernels = 0;
+  std::vector<TimedEvent> device_events, host_events;
   for (const auto& e : result->events()) {
+    const auto start = static_cast<int64_t>(e.startNs()), end = static_cast<int64_t>(e.endNs());
     // Kernels only: memcpy / memset activities are counted under "other kernels" by their names,
-    // CPU-side events (deviceType CPU) are skipped.
-    if (e.deviceType() != c10::DeviceType::CUDA) continue;
+    // CPU-side events (deviceType CPU) only name what the host did during an idle gap.
+    if (e.deviceType() != c10::DeviceType::CUDA) {
+      host_events.push_back({start, end, e.name()});
+      continue;
+    }
+    device_events.push_back({start, end, e.name()});
     const double t = static_cast<double>(e.durationNs()) / 1e6;
     const std::string kind = kernel_kind(e.name());
     ms[kind] += t;
@@ -166,6 +174,7 @@ std::map<std::string, double> profile_step(const std::function<void()>& fn,
   }
   ms["GPU idle"] = wall - kernels;
   ms["wall"] = wall;
+  idle = idle_gaps(std::move(device_events), host_events, n_gaps, /*min_gap_ns=*/20000);
   return ms;
 }
 #endif
@@ -179,10 +188,12 @@ struct Measurement {
   FlopsPerToken flops;
   std::map<std::string, double> split;  // CUDA time split (empty when not profiled)
   std::map<std::string, double> other_by_name;  // ms of each "other" kernel name in the profiled step
+  IdleSummary idle;                             // the profiled step's gaps between kernels
 };
 
 Measurement measure(const TrainConfig& base_config, const LlamaWeights& model, int64_t seq, int64_t batch, int steps,
-                    int warmup, bool profile, uint64_t seed, double prompt_fraction, bool recompute_unread) {
+                    int warmup, bool profile, uint64_t seed, double prompt_fraction, bool recompute_unread,
+                    size_t n_gaps = 0) {
   TrainConfig config = base_config;
   config.sequence_len = static_cast<int>(seq);
   config.max_steps = warmup + steps + (profile ? 1 : 0);
@@ -236,7 +247,7 @@ Measurement measure(const TrainConfig& base_config, const LlamaWeights& model, i
   if (device.is_cuda()) {
     const auto st = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
     m.peak_bytes = st.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
-    if (profile) m.split = profile_step([&] { train_step(t); }, m.other_by_name);
+    if (profile) m.split = profile_step([&] { train_step(t); }, m.other_by_name, m.idle, n_gaps);
   }
 #else
   (void)profile;
@@ -398,7 +409,7 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
   } else {
     const bool profile = device.is_cuda() && !o.no_profile;
     const Measurement m = measure(config, model, r.seq, r.batch, o.steps, o.warmup, profile, r.seed, o.prompt_fraction,
-                                  o.recompute_unread);
+                                  o.recompute_unread, static_cast<size_t>(std::max(0, o.top_kernels)));
     const double peak_tf = o.peak_tflops > 0 ? o.peak_tflops : (device.is_cuda() ? peak_tflops_for(device_name) : 0.0);
     const double achieved_tf = m.tokens_per_s * m.flops.total() / 1e12;
     const double mfu = peak_tf > 0 ? achieved_tf / peak_tf : 0.0;
@@ -450,6 +461,19 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
         }
         out["top_other_kernels"] = jt;
       }
+      if (o.top_kernels > 0 && !m.idle.longest.empty()) {
+        // Between the first kernel and the last; the rest of "GPU idle" is before the first launch
+        // and after the last kernel (the step's host-side start and end).
+        std::printf("  GPU idle between kernels: %.2f ms; the longest gaps (kernel before -> kernel after, host op):\n",
+                    m.idle.total_ms);
+        json jg = json::array();
+        for (const IdleGap& g : m.idle.longest) {
+          std::printf("    %7.3f ms  %.50s -> %.50s  [%.40s]\n", g.ms, g.before.c_str(), g.after.c_str(), g.host.c_str());
+          jg.push_back({{"ms", g.ms}, {"before", g.before}, {"after", g.after}, {"host", g.host}});
+        }
+        out["idle_between_kernels_ms"] = m.idle.total_ms;
+        out["longest_idle_gaps"] = jg;
+      }
     }
   }
   std::fflush(stdout);
@@ -500,7 +524,8 @@ BenchTrainFn add_bench_train_options(CLI::App& bench, std::shared_ptr<const Benc
   bench.add_option("--attention", st->attention,
                    "train: the attention kernel tried first, auto|flash|cudnn|efficient|math (attention_backend)")
       ->transform(CLI::CheckedTransformer(backends, CLI::ignore_case));
-  bench.add_option("--top-kernels", st->top_kernels, "train: list the N most expensive 'other' kernels of the profiled step")
+  bench.add_option("--top-kernels", st->top_kernels,
+                   "train: list the N most expensive 'other' kernels and the N longest GPU idle gaps of the profiled step")
       ->capture_default_str();
   bench.add_option("--gpu-memory-limit", st->gpu_memory_limit,
                    "train: GiB the CUDA caching allocator may hold (as the gpu_memory_limit config key)");

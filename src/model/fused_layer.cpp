@@ -87,12 +87,18 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fused_forward(const at::Tensor& x_in
 }
 
 at::Tensor rms_norm_fused_backward(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& w_in,
-                                   const at::Tensor& rstd) {
+                                   const at::Tensor& rstd, const at::Tensor& residual_grad) {
   check_norm_args(x_in, w_in, "rms_norm backward");
   check_same(dy_in, x_in, "dy", "x", "rms_norm backward");
   TORCH_CHECK(dy_in.sizes() == x_in.sizes(), "rms_norm backward: dy ", dy_in.sizes(), " must have x's shape ",
               x_in.sizes());
+  if (residual_grad.defined()) {
+    check_same(residual_grad, x_in, "residual_grad", "x", "rms_norm backward");
+    TORCH_CHECK(residual_grad.sizes() == x_in.sizes(), "rms_norm backward: residual_grad ", residual_grad.sizes(),
+                " must have x's shape ", x_in.sizes());
+  }
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous(), dy = dy_in.contiguous();
+  const at::Tensor dres = residual_grad.defined() ? residual_grad.contiguous() : at::Tensor();
   const int64_t hidden = x.size(-1), rows = x.numel() / hidden;
   TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.numel() == rows && rstd.device() == x.device(),
               "rms_norm backward: rstd must be fp32 [", rows, "] on ", x.device(), ", found ", rstd.scalar_type(), " ",
@@ -107,6 +113,7 @@ at::Tensor rms_norm_fused_backward(const at::Tensor& dy_in, const at::Tensor& x_
     a.x = x.data_ptr();
     a.w = w.data_ptr();
     a.rstd = r.data_ptr<float>();
+    a.dres = dres.defined() ? dres.data_ptr() : nullptr;
     a.dx = dx.data_ptr();
     a.type = float_type(x.scalar_type());
     a.rows = rows;
@@ -119,7 +126,41 @@ at::Tensor rms_norm_fused_backward(const at::Tensor& dy_in, const at::Tensor& x_
   const at::Tensor g = w.to(at::kFloat) * dy.reshape({rows, hidden}).to(at::kFloat);
   const at::Tensor n = x.reshape({rows, hidden}).to(at::kFloat) * r;
   const at::Tensor mean_dot = (g * n).sum(-1, /*keepdim=*/true) / static_cast<double>(hidden);
-  return (r * (g - n * mean_dot)).to(x.scalar_type()).view(x.sizes());
+  const at::Tensor dx = (r * (g - n * mean_dot)).to(x.scalar_type()).view(x.sizes());
+  return dres.defined() ? dx + dres : dx;  // autograd's sum of the two gradients, in x's type
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fused_forward(const at::Tensor& h_in, const at::Tensor& delta_in,
+                                                                          const at::Tensor& w, double eps, bool want_rstd) {
+  check_norm_args(h_in, w, "add_rms_norm");
+  check_same(h_in, delta_in, "h", "delta", "add_rms_norm");
+  TORCH_CHECK(h_in.sizes() == delta_in.sizes(), "add_rms_norm: h ", h_in.sizes(), " and delta ", delta_in.sizes(),
+              " must have one shape");
+#ifdef QLORA_WITH_CUDA
+  if (h_in.is_cuda()) {
+    const at::Tensor h = h_in.contiguous(), delta = delta_in.contiguous(), wc = w.contiguous();
+    const int64_t hidden = h.size(-1), rows = h.numel() / hidden;
+    const c10::cuda::CUDAGuard guard(h.device());
+    at::Tensor sum = at::empty_like(h), out = at::empty_like(h);
+    at::Tensor rstd = want_rstd ? at::empty({rows}, h.options().dtype(at::kFloat)) : at::Tensor();
+    kernels::RmsNormForwardArgs a;
+    a.x = h.data_ptr();
+    a.delta = delta.data_ptr();
+    a.sum = sum.data_ptr();
+    a.w = wc.data_ptr();
+    a.out = out.data_ptr();
+    a.rstd = want_rstd ? rstd.data_ptr<float>() : nullptr;
+    a.type = float_type(h.scalar_type());
+    a.rows = rows;
+    a.hidden = hidden;
+    a.eps = static_cast<float>(eps);
+    check_launch(kernels::rms_norm_forward(a, at::cuda::getCurrentCUDAStream(h.device().index())), "add_rms_norm");
+    return {sum, out, rstd};
+  }
+#endif
+  const at::Tensor sum = h_in + delta_in;
+  auto [out, rstd] = rms_norm_fused_forward(sum, w, eps, want_rstd);
+  return {sum, out, rstd};
 }
 
 namespace {
@@ -257,6 +298,37 @@ struct RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
   }
 };
 
+// (norm(x), x): x handed back as a second output so that the gradient reaching it by the residual
+// path comes to this backward, which adds it in the norm's kernel (one pass instead of autograd's
+// separate add of the two gradients).
+struct RmsNormKeepInputFunction : public torch::autograd::Function<RmsNormKeepInputFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, double eps) {
+    auto [out, rstd] = rms_norm_fused_forward(x, w, eps, /*want_rstd=*/true);
+    ctx->save_for_backward({x, w, rstd});
+    return {out, x};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list s = ctx->get_saved_variables();
+    return {rms_norm_fused_backward(grad_outputs[0], s[0], s[1], s[2], grad_outputs[1]), at::Tensor(), at::Tensor()};
+  }
+};
+
+// (h + delta, norm(h + delta)): the residual add and the next norm in one kernel; the backward adds
+// the sum's own gradient into the norm's, and both inputs get that one gradient.
+struct AddRmsNormFunction : public torch::autograd::Function<AddRmsNormFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& delta, const at::Tensor& w,
+                               double eps) {
+    auto [sum, out, rstd] = add_rms_norm_fused_forward(h, delta, w, eps, /*want_rstd=*/true);
+    ctx->save_for_backward({sum, w, rstd});
+    return {sum, out};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list s = ctx->get_saved_variables();
+    const at::Tensor d = rms_norm_fused_backward(grad_outputs[1], s[0], s[1], s[2], grad_outputs[0]);
+    return {d, d, at::Tensor(), at::Tensor()};
+  }
+};
+
 struct SwigluFunction : public torch::autograd::Function<SwigluFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gate, const at::Tensor& up) {
     ctx->save_for_backward({gate, up});
@@ -294,6 +366,26 @@ at::Tensor rms_norm_fused(const at::Tensor& x, const at::Tensor& w, double eps) 
               "rms_norm_fused: the norm weight must be frozen (it gets no gradient)");
   if (!at::GradMode::is_enabled() || !x.requires_grad()) return std::get<0>(rms_norm_fused_forward(x, w, eps, false));
   return RmsNormFunction::apply(x, w, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_fused_keep_input(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(!w.requires_grad() || !at::GradMode::is_enabled(),
+              "rms_norm_fused_keep_input: the norm weight must be frozen (it gets no gradient)");
+  if (!at::GradMode::is_enabled() || !x.requires_grad()) return {std::get<0>(rms_norm_fused_forward(x, w, eps, false)), x};
+  const variable_list r = RmsNormKeepInputFunction::apply(x, w, eps);
+  return {r[0], r[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_fused(const at::Tensor& h, const at::Tensor& delta, const at::Tensor& w,
+                                                      double eps) {
+  TORCH_CHECK(!w.requires_grad() || !at::GradMode::is_enabled(),
+              "add_rms_norm_fused: the norm weight must be frozen (it gets no gradient)");
+  if (!at::GradMode::is_enabled() || (!h.requires_grad() && !delta.requires_grad())) {
+    auto [sum, out, rstd] = add_rms_norm_fused_forward(h, delta, w, eps, false);
+    return {sum, out};
+  }
+  const variable_list r = AddRmsNormFunction::apply(h, delta, w, eps);
+  return {r[0], r[1]};
 }
 
 at::Tensor swiglu_fused(const at::Tensor& gate, const at::Tensor& up) {

@@ -38,6 +38,8 @@ std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, doubl
 struct LayerQKV {
   at::Tensor q;     // [B, heads, T, head_dim], RoPE applied
   at::Tensor k, v;  // [B, kv_heads, T, head_dim], RoPE applied to k
+  at::Tensor h;     // the layer input as the residual add must read it: h itself, or the fused
+                    // norm's pass-through of h (whose gradient that norm's backward adds in)
 };
 struct LoraLayer;
 LayerQKV decoder_layer_qkv(const at::Tensor& h, const DecoderLayerWeights& layer, const LlamaWeights& model,
@@ -72,10 +74,21 @@ at::Tensor grouped_attention(const at::Tensor& q, const at::Tensor& k, const at:
 at::Tensor dequantize_into_scratch(const NF4Tensor& t, DequantScratch& scratch, at::ScalarType dtype);
 
 // linear.cpp: an NF4Tensor through an autograd context's saved_data (plain IValues under the
-// keys packed, absmax, absmax2, code2, offset, nested, blocksize, nested_blocksize, shape, dtype),
-// so that a backward needs neither the LinearWeight nor its owner to be alive.
-void save_nf4(torch::autograd::AutogradContext* ctx, const NF4Tensor& t);
-NF4Tensor load_nf4(torch::autograd::AutogradContext* ctx);
+// keys packed, absmax, absmax2, code2, offset, nested, blocksize, nested_blocksize, shape, dtype,
+// each followed by the suffix k: one context can hold several weights), so that a backward needs
+// neither the LinearWeight nor its owner to be alive.
+void save_nf4(torch::autograd::AutogradContext* ctx, const NF4Tensor& t, const std::string& k = "");
+NF4Tensor load_nf4(torch::autograd::AutogradContext* ctx, const std::string& k = "");
+
+// lora.cpp: several projections of one input x (a layer's q/k/v, its gate/up), member i with the
+// base bases[i] and the adapter loras[i] (or nullptr): the values of lora_linear_forward on each,
+// and the same gradients except that x's is summed inside the GEMMs (one rounding per term into
+// one buffer) instead of by autograd's adds of the members' separate gradients. Without any
+// adapter, or while the tracer routes a member through the registered op, it is lora_linear_forward
+// on each member.
+std::vector<at::Tensor> lora_linear_group_forward(const at::Tensor& x, const std::vector<const LinearWeight*>& bases,
+                                                  const std::vector<const LoraLinear*>& loras, DequantScratch& scratch,
+                                                  bool training);
 
 // The decoder's tensors by their HF names, from whatever source (safetensors folder, GGUF file): a
 // getter for dense tensors (embeddings, norms, lm_head) and one for projections, each checking the

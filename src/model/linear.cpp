@@ -37,33 +37,33 @@ at::Tensor dequantize_into_scratch(const NF4Tensor& t, DequantScratch& scratch, 
 
 // The NF4Tensor travels through saved_data as plain IValues (tensors, numbers, lists), so the
 // backward needs neither the LinearWeight nor the scratch to be alive or unchanged.
-void save_nf4(AutogradContext* ctx, const NF4Tensor& t) {
+void save_nf4(AutogradContext* ctx, const NF4Tensor& t, const std::string& k) {
   auto& d = ctx->saved_data;
-  d["packed"] = t.packed;
-  d["absmax"] = t.absmax;
-  d["absmax2"] = t.absmax2.defined() ? t.absmax2 : at::Tensor();
-  d["code2"] = t.code2.defined() ? t.code2 : at::Tensor();
-  d["offset"] = t.offset;
-  d["nested"] = t.nested;
-  d["blocksize"] = t.blocksize;
-  d["nested_blocksize"] = t.nested_blocksize;
-  d["shape"] = c10::IValue(t.shape);
-  d["dtype"] = static_cast<int64_t>(t.dtype);
+  d["packed" + k] = t.packed;
+  d["absmax" + k] = t.absmax;
+  d["absmax2" + k] = t.absmax2.defined() ? t.absmax2 : at::Tensor();
+  d["code2" + k] = t.code2.defined() ? t.code2 : at::Tensor();
+  d["offset" + k] = t.offset;
+  d["nested" + k] = t.nested;
+  d["blocksize" + k] = t.blocksize;
+  d["nested_blocksize" + k] = t.nested_blocksize;
+  d["shape" + k] = c10::IValue(t.shape);
+  d["dtype" + k] = static_cast<int64_t>(t.dtype);
 }
 
-NF4Tensor load_nf4(AutogradContext* ctx) {
+NF4Tensor load_nf4(AutogradContext* ctx, const std::string& k) {
   auto& d = ctx->saved_data;
   NF4Tensor t;
-  t.packed = d["packed"].toTensor();
-  t.absmax = d["absmax"].toTensor();
-  t.absmax2 = d["absmax2"].toTensor();
-  t.code2 = d["code2"].toTensor();
-  t.offset = d["offset"].toDouble();
-  t.nested = d["nested"].toBool();
-  t.blocksize = d["blocksize"].toInt();
-  t.nested_blocksize = d["nested_blocksize"].toInt();
-  t.shape = d["shape"].toIntVector();
-  t.dtype = static_cast<at::ScalarType>(d["dtype"].toInt());
+  t.packed = d["packed" + k].toTensor();
+  t.absmax = d["absmax" + k].toTensor();
+  t.absmax2 = d["absmax2" + k].toTensor();
+  t.code2 = d["code2" + k].toTensor();
+  t.offset = d["offset" + k].toDouble();
+  t.nested = d["nested" + k].toBool();
+  t.blocksize = d["blocksize" + k].toInt();
+  t.nested_blocksize = d["nested_blocksize" + k].toInt();
+  t.shape = d["shape" + k].toIntVector();
+  t.dtype = static_cast<at::ScalarType>(d["dtype" + k].toInt());
   return t;
 }
 

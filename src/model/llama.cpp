@@ -19,6 +19,8 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "model/internal.h"
@@ -29,8 +31,14 @@
 
 namespace qlora {
 
+namespace {
+bool fused_norm(const at::Tensor& x, const at::Tensor& weight) {
+  return use_fused_kernels(x) && weight.scalar_type() == x.scalar_type();
+}
+}  // namespace
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  if (use_fused_kernels(x) && weight.scalar_type() == x.scalar_type()) return rms_norm_fused(x, weight, eps);
+  if (fused_norm(x, weight)) return rms_norm_fused(x, weight, eps);
   const at::ScalarType dtype = x.scalar_type();
   const at::Tensor h = x.to(at::kFloat);
   const at::Tensor variance = h.pow(2).mean(-1, /*keepdim=*/true);
@@ -134,10 +142,34 @@ at::Tensor project(const at::Tensor& in, const LinearWeight& w, const LoraLayer*
   return lora_linear_forward(in, w, a ? &*a : nullptr, scratch, training, output_read);
 }
 
+namespace {
+using AdapterSlot = std::optional<LoraLinear> LoraLayer::*;
+
+// Projections of one input (q/k/v; gate/up), as `project` on each; with adapters, one autograd
+// function for the group (lora_linear_group_forward: the input's gradient summed in the GEMMs).
+std::vector<at::Tensor> project_group(const at::Tensor& in, const std::vector<std::pair<const LinearWeight*, AdapterSlot>>& members,
+                                      const LoraLayer* lora, DequantScratch& scratch, bool training) {
+  std::vector<at::Tensor> out;
+  if (lora == nullptr) {
+    for (const auto& [w, slot] : members) out.push_back(linear_forward(in, *w, scratch));
+    return out;
+  }
+  std::vector<const LinearWeight*> bases;
+  std::vector<const LoraLinear*> adapters;
+  for (const auto& [w, slot] : members) {
+    const std::optional<LoraLinear>& a = lora->*slot;
+    bases.push_back(w);
+    adapters.push_back(a ? &*a : nullptr);
+  }
+  return lora_linear_group_forward(in, bases, adapters, scratch, training);
+}
+}  // namespace
+
 at::Tensor mlp(const at::Tensor& y, const DecoderLayerWeights& layer, DequantScratch& scratch, const LoraLayer* lora,
                bool training, bool output_read) {
-  const at::Tensor gate = project(y, layer.gate_proj, lora, &LoraLayer::gate_proj, scratch, training);
-  const at::Tensor up = project(y, layer.up_proj, lora, &LoraLayer::up_proj, scratch, training);
+  const std::vector<at::Tensor> gate_up = project_group(
+      y, {{&layer.gate_proj, &LoraLayer::gate_proj}, {&layer.up_proj, &LoraLayer::up_proj}}, lora, scratch, training);
+  const at::Tensor &gate = gate_up[0], &up = gate_up[1];
   const at::Tensor act = use_fused_kernels(gate) ? swiglu_fused(gate, up) : at::silu(gate) * up;
   return project(act, layer.down_proj, lora, &LoraLayer::down_proj, scratch, training, output_read);
 }
@@ -147,11 +179,20 @@ LayerQKV decoder_layer_qkv(const at::Tensor& h, const DecoderLayerWeights& layer
                            bool training) {
   const HFConfig& c = model.config;
   const int64_t B = h.size(0), T = h.size(1), D = c.head_dim;
-  const at::Tensor x = rms_norm(h, layer.input_layernorm, c.rms_norm_eps);
   LayerQKV r;
-  r.q = project(x, layer.q_proj, lora, &LoraLayer::q_proj, scratch, training).view({B, T, c.num_attention_heads, D}).transpose(1, 2);
-  r.k = project(x, layer.k_proj, lora, &LoraLayer::k_proj, scratch, training).view({B, T, c.num_key_value_heads, D}).transpose(1, 2);
-  r.v = project(x, layer.v_proj, lora, &LoraLayer::v_proj, scratch, training).view({B, T, c.num_key_value_heads, D}).transpose(1, 2);
+  at::Tensor x;
+  if (fused_norm(h, layer.input_layernorm)) {
+    std::tie(x, r.h) = rms_norm_fused_keep_input(h, layer.input_layernorm, c.rms_norm_eps);
+  } else {
+    x = rms_norm(h, layer.input_layernorm, c.rms_norm_eps);
+    r.h = h;
+  }
+  const std::vector<at::Tensor> qkv = project_group(
+      x, {{&layer.q_proj, &LoraLayer::q_proj}, {&layer.k_proj, &LoraLayer::k_proj}, {&layer.v_proj, &LoraLayer::v_proj}},
+      lora, scratch, training);
+  r.q = qkv[0].view({B, T, c.num_attention_heads, D}).transpose(1, 2);
+  r.k = qkv[1].view({B, T, c.num_key_value_heads, D}).transpose(1, 2);
+  r.v = qkv[2].view({B, T, c.num_key_value_heads, D}).transpose(1, 2);
   r.q = apply_rotary(r.q, cos, sin);
   r.k = apply_rotary(r.k, cos, sin);
   return r;
@@ -167,9 +208,14 @@ DecoderLayerTerms decoder_layer_terms(const at::Tensor& h, const at::Tensor& att
   const int64_t B = h.size(0), T = h.size(1);
   const at::Tensor o = attn_out.transpose(1, 2).reshape({B, T, c.num_attention_heads * c.head_dim});
   DecoderLayerTerms t;
-  t.residual = h + project(o, layer.o_proj, lora, &LoraLayer::o_proj, scratch, training);
-
-  const at::Tensor y = rms_norm(t.residual, layer.post_attention_layernorm, c.rms_norm_eps);
+  const at::Tensor attn_proj = project(o, layer.o_proj, lora, &LoraLayer::o_proj, scratch, training);
+  at::Tensor y;
+  if (fused_norm(h, layer.post_attention_layernorm)) {
+    std::tie(t.residual, y) = add_rms_norm_fused(h, attn_proj, layer.post_attention_layernorm, c.rms_norm_eps);
+  } else {
+    t.residual = h + attn_proj;
+    y = rms_norm(t.residual, layer.post_attention_layernorm, c.rms_norm_eps);
+  }
   const int64_t tile = mlp_tile_tokens();
   const bool tiled = tile > 0 && y.numel() / y.size(-1) > tile;  // with or without grad: one tile at a time
   t.mlp = tiled ? tiled_mlp(y, layer, scratch, lora, training, tile, output_read)
@@ -177,9 +223,11 @@ DecoderLayerTerms decoder_layer_terms(const at::Tensor& h, const at::Tensor& att
   return t;
 }
 
-// The layer's attention output (SDPA's, [B, heads, T, head_dim]) for h.
-at::Tensor layer_attention(const at::Tensor& h, const DecoderLayerWeights& layer, const LlamaWeights& model,
-                           const AttentionInputs& attn, DequantScratch& scratch, const LoraLayer* lora, bool training) {
+// The layer's attention output (SDPA's, [B, heads, T, head_dim]) for h, and the h its residual add
+// reads (LayerQKV::h).
+std::pair<at::Tensor, at::Tensor> layer_attention(const at::Tensor& h, const DecoderLayerWeights& layer,
+                                                  const LlamaWeights& model, const AttentionInputs& attn,
+                                                  DequantScratch& scratch, const LoraLayer* lora, bool training) {
   const LayerQKV qkv = decoder_layer_qkv(h, layer, model, attn.cos, attn.sin, scratch, lora, training);
   at::Tensor mask = attn.mask;
   if (layer.sliding_window > 0 && attn.sliding_mask.defined()) {
@@ -187,7 +235,7 @@ at::Tensor layer_attention(const at::Tensor& h, const DecoderLayerWeights& layer
                 " differs from the one the attention inputs were built for (", attn.sliding_window, ")");
     mask = attn.sliding_mask;
   }
-  return grouped_attention(qkv.q, qkv.k, qkv.v, mask);
+  return {grouped_attention(qkv.q, qkv.k, qkv.v, mask), qkv.h};
 }
 
 }  // namespace
@@ -200,15 +248,15 @@ at::Tensor decoder_layer_output(const at::Tensor& h, const at::Tensor& attn_out,
 
 at::Tensor decoder_layer(const at::Tensor& h, const DecoderLayerWeights& layer, const LlamaWeights& model,
                          const AttentionInputs& attn, DequantScratch& scratch, const LoraLayer* lora, bool training) {
-  const at::Tensor attn_out = layer_attention(h, layer, model, attn, scratch, lora, training);
-  return decoder_layer_output(h, attn_out, layer, model, scratch, lora, training);
+  const auto [attn_out, h_res] = layer_attention(h, layer, model, attn, scratch, lora, training);
+  return decoder_layer_output(h_res, attn_out, layer, model, scratch, lora, training);
 }
 
 DecoderLayerTerms decoder_layer_for_backward(const at::Tensor& h, const DecoderLayerWeights& layer,
                                              const LlamaWeights& model, const AttentionInputs& attn,
                                              DequantScratch& scratch, const LoraLayer* lora, bool training) {
-  const at::Tensor attn_out = layer_attention(h, layer, model, attn, scratch, lora, training);
-  return decoder_layer_terms(h, attn_out, layer, model, scratch, lora, training, /*output_read=*/false);
+  const auto [attn_out, h_res] = layer_attention(h, layer, model, attn, scratch, lora, training);
+  return decoder_layer_terms(h_res, attn_out, layer, model, scratch, lora, training, /*output_read=*/false);
 }
 
 namespace {

@@ -151,22 +151,23 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// What the backward needs of the frozen base weight: the NF4 pieces (the packed bytes and absmax --
-// the model's own tensors, not copies -- in saved_data) or the dense weight itself (the model's
-// own), plus the scratch's address.
-void save_base_weight(AutogradContext* ctx, const LinearWeight& base, DequantScratch& scratch) {
+// What the backward needs of the frozen base weight, under the key suffix `k` (a group's member
+// index): the NF4 pieces (the packed bytes and absmax -- the model's own tensors, not copies -- in
+// saved_data) or the dense weight itself (the model's own), plus the scratch's address.
+void save_base_weight(AutogradContext* ctx, const LinearWeight& base, DequantScratch& scratch, const std::string& k = "") {
   ctx->saved_data["scratch"] = static_cast<int64_t>(reinterpret_cast<intptr_t>(&scratch));
   if (base.nf4) {
-    save_nf4(ctx, *base.nf4);
+    save_nf4(ctx, *base.nf4, k);
     return;
   }
   TORCH_CHECK(base.dense.defined(), "lora_linear_forward: the base weight holds neither NF4 nor dense data");
-  ctx->saved_data["dense"] = base.dense;
+  ctx->saved_data["dense" + k] = base.dense;
 }
 
 // The frozen base weight in a forward: a view of the scratch holding deq(W), or the dense weight.
-at::Tensor base_weight_forward(AutogradContext* ctx, const LinearWeight& base, DequantScratch& scratch, at::ScalarType dtype) {
-  save_base_weight(ctx, base, scratch);
+at::Tensor base_weight_forward(AutogradContext* ctx, const LinearWeight& base, DequantScratch& scratch, at::ScalarType dtype,
+                               const std::string& k = "") {
+  save_base_weight(ctx, base, scratch, k);
   return base.nf4 ? dequantize_into_scratch(*base.nf4, scratch, dtype) : base.dense;
 }
 
@@ -180,10 +181,10 @@ at::Tensor unread_output(const at::Tensor& x, const LinearWeight& base) {
 
 // The same weight in the backward: the scratch holds some other projection's weight by now, so an
 // NF4 weight is dequantized again, into the scratch.
-at::Tensor base_weight_backward(AutogradContext* ctx, at::ScalarType dtype) {
-  if (ctx->saved_data.count("dense")) return ctx->saved_data["dense"].toTensor();
+at::Tensor base_weight_backward(AutogradContext* ctx, at::ScalarType dtype, const std::string& k = "") {
+  if (ctx->saved_data.count("dense" + k)) return ctx->saved_data["dense" + k].toTensor();
   auto* scratch = reinterpret_cast<DequantScratch*>(static_cast<intptr_t>(ctx->saved_data["scratch"].toInt()));
-  return dequantize_into_scratch(load_nf4(ctx), *scratch, dtype);
+  return dequantize_into_scratch(load_nf4(ctx, k), *scratch, dtype);
 }
 
 std::optional<at::Tensor> bias_of(const LinearWeight& w) {
@@ -206,69 +207,118 @@ struct BaseLinearFunction : public torch::autograd::Function<BaseLinearFunction>
   }
 };
 
-// Inputs: x [..., in] (compute dtype), A fp32 [r, in], B fp32 [out, r]; the rest are not
-// differentiable. Saved: x, U = drop(x) A^T, A, B (save_for_backward), the bool dropout mask, and
-// what save_base_weight keeps. output_read = false: U only (the backward's dB needs it), no y.
+// The projections of one LoraLinearFunction: member i's base weight and its adapter (or none).
+struct LoraGroup {
+  std::vector<const LinearWeight*> bases;
+  std::vector<const LoraLinear*> loras;
+};
+
+// One or more projections of the same input x (q/k/v, or gate/up), each Y_i = X deq(W_i)^T (+ b_i)
+// + s_i (drop_i(X) A_i^T) B_i^T or its base alone. One function for the group so that x's gradient
+// is summed inside the GEMMs (each base and LoRA term accumulated into one dx with beta = 1)
+// instead of autograd adding the members' separate gradients afterwards: two passes over a
+// [tokens, hidden] tensor fewer per extra member.
+// Inputs: x [..., in] (compute dtype); ab: A_i fp32 [r, in], B_i fp32 [out_i, r] of the members
+// with an adapter, in member order; the rest are not differentiable. Saved: x and, per adapter,
+// U_i = drop_i(x) A_i^T, A_i, B_i (save_for_backward) and its bool dropout mask; per member what
+// save_base_weight keeps (key suffix: the member index). output_read = false: U_i only (the
+// backward's dB needs it), no y_i.
 struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
-                            const LinearWeight* base, DequantScratch* scratch, double scale, double dropout, bool training,
-                            bool output_read) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList ab, const LoraGroup* group,
+                               DequantScratch* scratch, bool training, bool output_read) {
     const at::ScalarType dtype = x.scalar_type();
-    at::Tensor y;
-    if (output_read) {
-      y = at::linear(x, base_weight_forward(ctx, *base, *scratch, dtype), bias_of(*base));
-    } else {
-      save_base_weight(ctx, *base, *scratch);
-      y = unread_output(x, *base);
+    const size_t n = group->bases.size();
+    variable_list ys, saved = {x};
+    size_t next_ab = 0;
+    for (size_t i = 0; i < n; ++i) {
+      const std::string k = std::to_string(i);
+      const LinearWeight& base = *group->bases[i];
+      at::Tensor y;
+      if (output_read) {
+        y = at::linear(x, base_weight_forward(ctx, base, *scratch, dtype, k), bias_of(base));
+      } else {
+        save_base_weight(ctx, base, *scratch, k);
+        y = unread_output(x, base);
+      }
+      const LoraLinear* lora = group->loras[i];
+      ctx->saved_data["lora" + k] = lora != nullptr;
+      if (lora != nullptr) {
+        const at::Tensor &A = ab[next_ab], &B = ab[next_ab + 1];
+        next_ab += 2;
+        at::Tensor mask, dropped = x;
+        if (training && lora->dropout > 0.0) {
+          mask = at::empty(x.sizes(), x.options().dtype(at::kBool)).bernoulli_(1.0 - lora->dropout);
+          dropped = (x * mask).mul_(1.0 / (1.0 - lora->dropout));  // as at::dropout: x * mask / (1 - p)
+        }
+        const at::Tensor u = at::linear(dropped, A.to(dtype));  // [..., r]
+        // PEFT: result + lora_B(lora_A(x)) * scaling, as one GEMM with the add and the scale in its
+        // epilogue (y += scale u B^T, one rounding instead of three and no extra passes over y).
+        const int64_t r = A.size(0), out = B.size(0);
+        if (output_read) y.view({-1, out}).addmm_(u.reshape({-1, r}), B.to(dtype).t(), /*beta=*/1, /*alpha=*/lora->scale);
+        saved.insert(saved.end(), {u, A, B});
+        ctx->saved_data["mask" + k] = mask;
+        ctx->saved_data["scale" + k] = lora->scale;
+        ctx->saved_data["dropout" + k] = lora->dropout;
+      }
+      ys.push_back(y);
     }
-    at::Tensor mask, dropped = x;
-    if (training && dropout > 0.0) {
-      mask = at::empty(x.sizes(), x.options().dtype(at::kBool)).bernoulli_(1.0 - dropout);
-      dropped = (x * mask).mul_(1.0 / (1.0 - dropout));  // as at::dropout: x * mask / (1 - p)
-    }
-    const at::Tensor u = at::linear(dropped, A.to(dtype));  // [..., r]
-    // PEFT: result + lora_B(lora_A(x)) * scaling, as one GEMM with the add and the scale in its
-    // epilogue (y += scale u B^T, one rounding instead of three and no extra passes over y).
-    const int64_t r = A.size(0), out = B.size(0);
-    if (output_read) y.view({-1, out}).addmm_(u.reshape({-1, r}), B.to(dtype).t(), /*beta=*/1, /*alpha=*/scale);
-    ctx->save_for_backward({x, u, A, B});
-    ctx->saved_data["mask"] = mask;
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["dropout"] = dropout;
-    return y;
+    ctx->save_for_backward(saved);
+    ctx->saved_data["n"] = static_cast<int64_t>(n);
+    return ys;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const at::Tensor& g = grad_outputs[0];
-    const at::ScalarType dtype = g.scalar_type();
     const variable_list saved = ctx->get_saved_variables();
-    at::Tensor dx, dA, dB;
-    if (ctx->needs_input_grad(0)) dx = at::matmul(g, base_weight_backward(ctx, dtype));
-    const at::Tensor &x = saved[0], &u = saved[1], &A = saved[2], &B = saved[3];
-    const at::Tensor mask = ctx->saved_data["mask"].toTensor();
-    const double scale = ctx->saved_data["scale"].toDouble();
-    const double keep_scale = mask.defined() ? 1.0 / (1.0 - ctx->saved_data["dropout"].toDouble()) : 1.0;
-    const int64_t r = A.size(0), in = A.size(1), out = B.size(0);
-    const at::Tensor g2 = g.reshape({-1, out}), u2 = u.reshape({-1, r});
-    if (ctx->needs_input_grad(2)) dB = mm_as(g2.t(), u2, at::kFloat).mul_(scale);
-    if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
-      const at::Tensor du = at::mm(g2, B.to(dtype)).mul_(scale);  // [N, r]
-      if (ctx->needs_input_grad(1)) {
-        const at::Tensor x2 = x.reshape({-1, in});
-        const at::Tensor dropped = mask.defined() ? (x2 * mask.reshape({-1, in})).mul_(keep_scale) : x2;
-        dA = mm_as(du.t(), dropped, at::kFloat);
-      }
-      if (ctx->needs_input_grad(0)) {
-        if (mask.defined()) {
-          at::Tensor dxl = at::mm(du, A.to(dtype));  // [N, in]
-          dxl.mul_(mask.reshape({-1, in})).mul_(keep_scale);
-          dx.add_(dxl.view(dx.sizes()));
-        } else {
-          dx.view({-1, in}).addmm_(du, A.to(dtype));  // dx += du A in the GEMM's epilogue
+    const at::Tensor& x = saved[0];
+    const int64_t n = ctx->saved_data["n"].toInt(), in = x.size(-1);
+    const bool want_dx = ctx->needs_input_grad(0);
+    at::Tensor dx;  // [N, in]: the first term written, the others accumulated into it
+    auto accumulate = [&](const at::Tensor& a, const at::Tensor& b) {
+      if (dx.defined()) dx.addmm_(a, b);  // dx += a b in the GEMM's epilogue
+      else dx = at::mm(a, b);
+    };
+    variable_list grads = {at::Tensor()};  // dx, then dA_i, dB_i per adapter
+    size_t next_saved = 1, input = 1;       // input: the adapter's A in the function's inputs
+    for (int64_t i = 0; i < n; ++i) {
+      const std::string k = std::to_string(i);
+      const at::Tensor& g = grad_outputs[static_cast<size_t>(i)];
+      const at::ScalarType dtype = g.scalar_type();
+      const at::Tensor g2 = g.reshape({-1, g.size(-1)});
+      if (want_dx) accumulate(g2, base_weight_backward(ctx, dtype, k));
+      if (!ctx->saved_data["lora" + k].toBool()) continue;
+      const at::Tensor &u = saved[next_saved], &A = saved[next_saved + 1], &B = saved[next_saved + 2];
+      next_saved += 3;
+      const at::Tensor mask = ctx->saved_data["mask" + k].toTensor();
+      const double scale = ctx->saved_data["scale" + k].toDouble();
+      const double keep_scale = mask.defined() ? 1.0 / (1.0 - ctx->saved_data["dropout" + k].toDouble()) : 1.0;
+      const int64_t r = A.size(0);
+      const at::Tensor u2 = u.reshape({-1, r});
+      at::Tensor dA, dB;
+      if (ctx->needs_input_grad(input + 1)) dB = mm_as(g2.t(), u2, at::kFloat).mul_(scale);
+      if (want_dx || ctx->needs_input_grad(input)) {
+        const at::Tensor du = at::mm(g2, B.to(dtype)).mul_(scale);  // [N, r]
+        if (ctx->needs_input_grad(input)) {
+          const at::Tensor x2 = x.reshape({-1, in});
+          const at::Tensor dropped = mask.defined() ? (x2 * mask.reshape({-1, in})).mul_(keep_scale) : x2;
+          dA = mm_as(du.t(), dropped, at::kFloat);
+        }
+        if (want_dx) {
+          if (mask.defined()) {
+            at::Tensor dxl = at::mm(du, A.to(dtype));  // [N, in]
+            dxl.mul_(mask.reshape({-1, in})).mul_(keep_scale);
+            dx.add_(dxl);
+          } else {
+            accumulate(du, A.to(dtype));
+          }
         }
       }
+      grads.push_back(dA);
+      grads.push_back(dB);
+      input += 2;
     }
-    return {dx, dA, dB, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    if (dx.defined()) grads[0] = dx.view(x.sizes());
+    grads.resize(grads.size() + 4);  // group, scratch, training, output_read
+    return grads;
   }
 };
 
@@ -302,24 +352,61 @@ at::Tensor mm_as(const at::Tensor& a, const at::Tensor& b, at::ScalarType out_dt
   return at::mm(a, b).to(out_dtype);
 }
 
-at::Tensor lora_linear_forward(const at::Tensor& x, const LinearWeight& base, const LoraLinear* lora,
-                               DequantScratch& scratch, bool training, bool output_read) {
+namespace {
+void check_adapter(const at::Tensor& x, const LinearWeight& base, const LoraLinear* lora) {
   TORCH_CHECK(x.size(-1) == base.in_features, "lora_linear_forward: input has ", x.size(-1),
               " features, the weight expects ", base.in_features);
-  if (torch::jit::tracer::isTracing() && at::tracer::impl::is_dispatch_enabled() && base.nf4 &&
-      (lora == nullptr || !training || lora->dropout == 0.0))
-    return nf4_lora_linear_through_op(x, base, lora);
-  if (lora == nullptr) {
-    if (!base.nf4) return linear_forward(x, base, scratch);
-    return BaseLinearFunction::apply(x, &base, &scratch, output_read || !at::GradMode::is_enabled());
-  }
+  if (lora == nullptr) return;
   TORCH_CHECK(lora->A.defined() && lora->B.defined() && lora->A.dim() == 2 && lora->B.dim() == 2 &&
                   lora->A.size(1) == base.in_features && lora->B.size(0) == base.out_features &&
                   lora->A.size(0) == lora->B.size(1),
               "lora_linear_forward: LoRA A ", lora->A.sizes(), " / B ", lora->B.sizes(), " do not fit a [",
               base.out_features, ", ", base.in_features, "] weight (expected A [r, in], B [out, r])");
-  return LoraLinearFunction::apply(x, lora->A, lora->B, &base, &scratch, lora->scale, lora->dropout, training,
-                                   output_read || !at::GradMode::is_enabled());
+}
+
+// While the C++ tracer records with dispatch on, an NF4 projection goes through the registered op
+// (one node in the trace) -- unless it needs LoRA dropout in training, which the op does not do.
+bool through_op(const LinearWeight& base, const LoraLinear* lora, bool training) {
+  return torch::jit::tracer::isTracing() && at::tracer::impl::is_dispatch_enabled() && base.nf4 &&
+         (lora == nullptr || !training || lora->dropout == 0.0);
+}
+}  // namespace
+
+at::Tensor lora_linear_forward(const at::Tensor& x, const LinearWeight& base, const LoraLinear* lora,
+                               DequantScratch& scratch, bool training, bool output_read) {
+  check_adapter(x, base, lora);
+  if (through_op(base, lora, training)) return nf4_lora_linear_through_op(x, base, lora);
+  if (lora == nullptr) {
+    if (!base.nf4) return linear_forward(x, base, scratch);
+    return BaseLinearFunction::apply(x, &base, &scratch, output_read || !at::GradMode::is_enabled());
+  }
+  const LoraGroup group{{&base}, {lora}};
+  const std::vector<at::Tensor> ab = {lora->A, lora->B};
+  return LoraLinearFunction::apply(x, at::TensorList(ab), &group, &scratch, training,
+                                   output_read || !at::GradMode::is_enabled())[0];
+}
+
+std::vector<at::Tensor> lora_linear_group_forward(const at::Tensor& x, const std::vector<const LinearWeight*>& bases,
+                                                  const std::vector<const LoraLinear*>& loras, DequantScratch& scratch,
+                                                  bool training) {
+  TORCH_CHECK(!bases.empty() && bases.size() == loras.size(), "lora_linear_group_forward: ", bases.size(), " weights and ",
+              loras.size(), " adapters");
+  bool any_lora = false, any_op = false;
+  for (size_t i = 0; i < bases.size(); ++i) {
+    check_adapter(x, *bases[i], loras[i]);
+    any_lora = any_lora || loras[i] != nullptr;
+    any_op = any_op || through_op(*bases[i], loras[i], training);
+  }
+  std::vector<at::Tensor> ys;
+  if (!any_lora || any_op) {  // one projection at a time, exactly as lora_linear_forward
+    for (size_t i = 0; i < bases.size(); ++i) ys.push_back(lora_linear_forward(x, *bases[i], loras[i], scratch, training));
+    return ys;
+  }
+  const LoraGroup group{bases, loras};
+  std::vector<at::Tensor> ab;
+  for (const LoraLinear* l : loras)
+    if (l != nullptr) ab.insert(ab.end(), {l->A, l->B});
+  return LoraLinearFunction::apply(x, at::TensorList(ab), &group, &scratch, training, /*output_read=*/true);
 }
 
 }  // namespace qlora
