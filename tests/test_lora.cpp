@@ -251,31 +251,36 @@ TEST_CASE("lora on CUDA in bf16: y, dX, dA, dB against the fp32 reference; fp32 
   }
 }
 
-TEST_CASE("lora: a group of projections of one input -- each member's values and adapter gradients as alone, x's gradient the sum", "[lora]") {
+namespace {
+// With dropout each adapter reads its own dropped input, so the group computes what the members
+// would alone, bit for bit (dx aside: the same terms summed in another order); without dropout the
+// adapters share one GEMM over x ([A_q; A_v]), equal up to the GEMMs' rounding (`tol`).
+void check_lora_group(const at::Device& dev, at::ScalarType dtype, double tol) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(41);
   const int64_t in = 96;
   auto base = [&](int64_t out, bool nf4, bool bias) {
     qlora::LinearWeight w{.out_features = out, .in_features = in};
-    const at::Tensor W = at::randn({out, in}, gen) * 0.1;
+    const at::Tensor W = (at::randn({out, in}, gen) * 0.1).to(dev);
     if (nf4) w.nf4 = qlora::nf4_quantize(W, 64, true);
-    else w.dense = W;
-    if (bias) w.bias = at::randn({out}, gen);
+    else w.dense = W.to(dtype);
+    if (bias) w.bias = at::randn({out}, gen).to(dev, dtype);
     return w;
   };
   // q: NF4 with an adapter; k: NF4 without one (an untargeted projection); v: dense, biased, adapted.
   const qlora::LinearWeight q = base(40, true, false), k = base(24, true, false), v = base(24, false, true);
   for (const double dropout : {0.0, 0.3}) {
-    CAPTURE(dropout);
+    CAPTURE(dev, dtype, dropout);
     auto adapter = [&](int64_t out, int64_t r, double scale) {
-      return qlora::LoraLinear{.A = (at::randn({r, in}, gen) * 0.2).requires_grad_(true),
-                               .B = (at::randn({out, r}, gen) * 0.2).requires_grad_(true), .scale = scale, .dropout = dropout};
+      return qlora::LoraLinear{.A = (at::randn({r, in}, gen) * 0.2).to(dev).requires_grad_(true),
+                               .B = (at::randn({out, r}, gen) * 0.2).to(dev).requires_grad_(true), .scale = scale,
+                               .dropout = dropout};
     };
     const qlora::LoraLinear lq = adapter(40, 3, 0.7), lv = adapter(24, 2, 1.5);
     const std::vector<const qlora::LinearWeight*> bases = {&q, &k, &v};
     const std::vector<const qlora::LoraLinear*> loras = {&lq, nullptr, &lv};
-    const at::Tensor x0 = at::randn({2, 5, in}, gen);
+    const at::Tensor x0 = at::randn({2, 5, in}, gen).to(dev, dtype);
     std::vector<at::Tensor> gs;
-    for (const int64_t out : {40, 24, 24}) gs.push_back(at::randn({2, 5, out}, gen));
+    for (const int64_t out : {40, 24, 24}) gs.push_back(at::randn({2, 5, out}, gen).to(dev, dtype));
     qlora::DequantScratch scratch;
 
     const at::Tensor x = x0.clone().requires_grad_(true);
@@ -284,26 +289,40 @@ TEST_CASE("lora: a group of projections of one input -- each member's values and
     const auto got = torch::autograd::grad(ys, {x, lq.A, lq.B, lv.A, lv.B}, gs);
 
     const at::Tensor xa = x0.clone().requires_grad_(true);
-    at::manual_seed(3);  // the same dropout masks: drawn member by member in both
+    at::manual_seed(3);  // the same dropout masks: drawn adapter by adapter in both
     std::vector<at::Tensor> alone;
     for (size_t i = 0; i < bases.size(); ++i) alone.push_back(qlora::lora_linear_forward(xa, *bases[i], loras[i], scratch, true));
     const auto want = torch::autograd::grad(alone, {xa, lq.A, lq.B, lv.A, lv.B}, gs);
 
+    auto close = [&](const at::Tensor& a, const at::Tensor& b) { return rel_err(a.cpu().to(at::kFloat), b.cpu().to(at::kFloat)) < tol; };
+    auto same = [&](const at::Tensor& a, const at::Tensor& b) { return dropout > 0 ? at::equal(a, b) : close(a, b); };
     REQUIRE(ys.size() == 3);
-    for (size_t i = 0; i < 3; ++i) CHECK(at::equal(ys[i], alone[i]));
-    for (size_t i = 1; i < 5; ++i) CHECK(at::equal(got[i], want[i]));  // dA, dB: the same arithmetic
-    CHECK(rel_err(got[0], want[0]) < 1e-6);  // dx: the same terms, summed in another order
+    CHECK(at::equal(ys[1], alone[1]));  // k: no adapter
+    for (const size_t i : {0, 2}) CHECK(same(ys[i], alone[i]));
+    for (size_t i = 1; i < 5; ++i) CHECK(same(got[i], want[i]));  // dA, dB
+    CHECK(got[1].scalar_type() == at::kFloat);
+    CHECK(close(got[0], want[0]));  // dx: the same terms, summed in another order
     // Without grad (inference): the same values.
     at::NoGradGuard no_grad;
     at::manual_seed(3);
     const std::vector<at::Tensor> eval = qlora::lora_linear_group_forward(x0, bases, loras, scratch, false);
-    for (size_t i = 0; i < 3; ++i) CHECK(at::equal(eval[i], qlora::lora_linear_forward(x0, *bases[i], loras[i], scratch, false)));
+    for (size_t i = 0; i < 3; ++i) CHECK(close(eval[i], qlora::lora_linear_forward(x0, *bases[i], loras[i], scratch, false)));
   }
   qlora::DequantScratch scratch;
   CHECK_THROWS_WITH(qlora::lora_linear_group_forward(at::randn({2, in}), {&q, &k}, {nullptr}, scratch, false),
                     ContainsSubstring("2 weights and 1 adapters"));
   CHECK_THROWS_WITH(qlora::lora_linear_group_forward(at::randn({2, in + 1}), {&q}, {nullptr}, scratch, false),
                     ContainsSubstring("input has 97 features, the weight expects 96"));
+}
+}  // namespace
+
+TEST_CASE("lora: a group of projections of one input -- each member's values and adapter gradients as alone, x's gradient the sum", "[lora]") {
+  check_lora_group(at::Device(at::kCPU), at::kFloat, 1e-6);
+}
+
+TEST_CASE("lora on CUDA in bf16: a group of projections of one input as its members alone", "[lora][cuda]") {
+  QLORA_REQUIRE_CUDA();
+  check_lora_group(at::Device(at::kCUDA), at::kBFloat16, 2e-2);
 }
 
 TEST_CASE("lora: dropout on the LoRA branch input only, when training", "[lora]") {

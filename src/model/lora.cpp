@@ -216,20 +216,59 @@ struct LoraGroup {
 // One or more projections of the same input x (q/k/v, or gate/up), each Y_i = X deq(W_i)^T (+ b_i)
 // + s_i (drop_i(X) A_i^T) B_i^T or its base alone. One function for the group so that x's gradient
 // is summed inside the GEMMs (each base and LoRA term accumulated into one dx with beta = 1)
-// instead of autograd adding the members' separate gradients afterwards: two passes over a
-// [tokens, hidden] tensor fewer per extra member.
-// Inputs: x [..., in] (compute dtype); ab: A_i fp32 [r, in], B_i fp32 [out_i, r] of the members
-// with an adapter, in member order; the rest are not differentiable. Saved: x and, per adapter,
-// U_i = drop_i(x) A_i^T, A_i, B_i (save_for_backward) and its bool dropout mask; per member what
-// save_base_weight keeps (key suffix: the member index). output_read = false: U_i only (the
-// backward's dB needs it), no y_i.
+// instead of autograd adding the members' separate gradients afterwards, and so that adapters
+// reading the same input share their skinny GEMMs: the adapters are cut into segments, one per
+// distinct input -- all adapters without dropout share x (one segment: U = x [A_1; A_2; ..]^T, one
+// GEMM reading x once instead of once per adapter, and likewise dA and dx += dU A in the backward);
+// an adapter with dropout reads its own drop_i(x) (a segment of its own).
+// Inputs: x [..., in] (compute dtype); ab: A_i fp32 [r_i, in], B_i fp32 [out_i, r_i] of the members
+// with an adapter, in member order; the rest are not differentiable. Saved: x; per segment U_s
+// [..., sum r] and A_s (compute dtype) and its bool dropout mask; per adapter B_i in the compute
+// dtype; per member what save_base_weight keeps (key suffix: the member index). output_read =
+// false: no y_i (U is still computed: the backward's dB needs it).
 struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList ab, const LoraGroup* group,
                                DequantScratch* scratch, bool training, bool output_read) {
     const at::ScalarType dtype = x.scalar_type();
     const size_t n = group->bases.size();
-    variable_list ys, saved = {x};
-    size_t next_ab = 0;
+    // Segments: member lists; the shared one (no dropout) first, then one per dropout adapter.
+    std::vector<std::vector<int64_t>> segments(1);
+    std::vector<int64_t> ab_index(n, -1);  // where member i's A is in ab
+    for (size_t i = 0, next = 0; i < n; ++i) {
+      const LoraLinear* lora = group->loras[i];
+      if (lora == nullptr) continue;
+      ab_index[i] = static_cast<int64_t>(next);
+      next += 2;
+      if (training && lora->dropout > 0.0) segments.push_back({static_cast<int64_t>(i)});
+      else segments[0].push_back(static_cast<int64_t>(i));
+    }
+    if (segments[0].empty()) segments.erase(segments.begin());
+
+    variable_list ys(n), saved = {x};
+    std::vector<at::Tensor> u_of(n);  // [N, r_i] slices of the segments' U
+    for (size_t j = 0; j < segments.size(); ++j) {
+      const std::vector<int64_t>& members = segments[j];
+      at::Tensor mask, input = x;
+      if (members.size() == 1 && training && group->loras[members[0]]->dropout > 0.0) {
+        const double p = group->loras[members[0]]->dropout;
+        mask = at::empty(x.sizes(), x.options().dtype(at::kBool)).bernoulli_(1.0 - p);
+        input = (x * mask).mul_(1.0 / (1.0 - p));  // as at::dropout: x * mask / (1 - p)
+        ctx->saved_data["keep" + std::to_string(j)] = 1.0 / (1.0 - p);
+      }
+      std::vector<at::Tensor> as;
+      for (int64_t i : members) as.push_back(ab[static_cast<size_t>(ab_index[i])]);
+      const at::Tensor a_seg = (as.size() == 1 ? as[0] : at::cat(as)).to(dtype);  // [sum r, in]
+      const at::Tensor u = at::linear(input, a_seg).reshape({-1, a_seg.size(0)});  // [N, sum r]
+      int64_t off = 0;
+      for (int64_t i : members) {
+        const int64_t r = ab[static_cast<size_t>(ab_index[i])].size(0);
+        u_of[i] = u.narrow(1, off, r);
+        off += r;
+      }
+      saved.insert(saved.end(), {u, a_seg});
+      ctx->saved_data["mask" + std::to_string(j)] = mask;
+      ctx->saved_data["segment" + std::to_string(j)] = members;
+    }
     for (size_t i = 0; i < n; ++i) {
       const std::string k = std::to_string(i);
       const LinearWeight& base = *group->bases[i];
@@ -240,83 +279,96 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
         save_base_weight(ctx, base, *scratch, k);
         y = unread_output(x, base);
       }
-      const LoraLinear* lora = group->loras[i];
-      ctx->saved_data["lora" + k] = lora != nullptr;
-      if (lora != nullptr) {
-        const at::Tensor &A = ab[next_ab], &B = ab[next_ab + 1];
-        next_ab += 2;
-        at::Tensor mask, dropped = x;
-        if (training && lora->dropout > 0.0) {
-          mask = at::empty(x.sizes(), x.options().dtype(at::kBool)).bernoulli_(1.0 - lora->dropout);
-          dropped = (x * mask).mul_(1.0 / (1.0 - lora->dropout));  // as at::dropout: x * mask / (1 - p)
-        }
-        const at::Tensor u = at::linear(dropped, A.to(dtype));  // [..., r]
+      ctx->saved_data["lora" + k] = ab_index[i] >= 0;
+      if (ab_index[i] >= 0) {
+        const at::Tensor b = ab[static_cast<size_t>(ab_index[i]) + 1].to(dtype);
+        const double scale = group->loras[i]->scale;
         // PEFT: result + lora_B(lora_A(x)) * scaling, as one GEMM with the add and the scale in its
         // epilogue (y += scale u B^T, one rounding instead of three and no extra passes over y).
-        const int64_t r = A.size(0), out = B.size(0);
-        if (output_read) y.view({-1, out}).addmm_(u.reshape({-1, r}), B.to(dtype).t(), /*beta=*/1, /*alpha=*/lora->scale);
-        saved.insert(saved.end(), {u, A, B});
-        ctx->saved_data["mask" + k] = mask;
-        ctx->saved_data["scale" + k] = lora->scale;
-        ctx->saved_data["dropout" + k] = lora->dropout;
+        if (output_read) y.view({-1, b.size(0)}).addmm_(u_of[i], b.t(), /*beta=*/1, /*alpha=*/scale);
+        saved.push_back(b);
+        ctx->saved_data["scale" + k] = scale;
       }
-      ys.push_back(y);
+      ys[i] = y;
     }
     ctx->save_for_backward(saved);
     ctx->saved_data["n"] = static_cast<int64_t>(n);
+    ctx->saved_data["segments"] = static_cast<int64_t>(segments.size());
     return ys;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& x = saved[0];
-    const int64_t n = ctx->saved_data["n"].toInt(), in = x.size(-1);
+    const int64_t n = ctx->saved_data["n"].toInt(), n_seg = ctx->saved_data["segments"].toInt(), in = x.size(-1);
     const bool want_dx = ctx->needs_input_grad(0);
     at::Tensor dx;  // [N, in]: the first term written, the others accumulated into it
     auto accumulate = [&](const at::Tensor& a, const at::Tensor& b) {
       if (dx.defined()) dx.addmm_(a, b);  // dx += a b in the GEMM's epilogue
       else dx = at::mm(a, b);
     };
-    variable_list grads = {at::Tensor()};  // dx, then dA_i, dB_i per adapter
-    size_t next_saved = 1, input = 1;       // input: the adapter's A in the function's inputs
+    // Member i's input index (its A; its B is the next one) and its rows of U.
+    std::vector<int64_t> input_of(n, -1);
+    std::vector<at::Tensor> u_of(n), b_of(n), du_of(n), da_of(n), db_of(n);
+    for (int64_t i = 0, next_input = 1, next_b = 1 + 2 * n_seg; i < n; ++i)
+      if (ctx->saved_data["lora" + std::to_string(i)].toBool()) {
+        input_of[i] = next_input;
+        next_input += 2;
+        b_of[i] = saved[static_cast<size_t>(next_b++)];
+      }
+    for (int64_t j = 0; j < n_seg; ++j) {
+      const at::Tensor& u = saved[static_cast<size_t>(1 + 2 * j)];
+      int64_t off = 0;
+      for (int64_t i : ctx->saved_data["segment" + std::to_string(j)].toIntVector()) {
+        u_of[i] = u.narrow(1, off, b_of[i].size(1));
+        off += b_of[i].size(1);
+      }
+    }
+    // The base terms and each adapter's dB and dU = s g B.
     for (int64_t i = 0; i < n; ++i) {
       const std::string k = std::to_string(i);
       const at::Tensor& g = grad_outputs[static_cast<size_t>(i)];
-      const at::ScalarType dtype = g.scalar_type();
       const at::Tensor g2 = g.reshape({-1, g.size(-1)});
-      if (want_dx) accumulate(g2, base_weight_backward(ctx, dtype, k));
-      if (!ctx->saved_data["lora" + k].toBool()) continue;
-      const at::Tensor &u = saved[next_saved], &A = saved[next_saved + 1], &B = saved[next_saved + 2];
-      next_saved += 3;
-      const at::Tensor mask = ctx->saved_data["mask" + k].toTensor();
+      if (want_dx) accumulate(g2, base_weight_backward(ctx, g.scalar_type(), k));
+      if (input_of[i] < 0) continue;
       const double scale = ctx->saved_data["scale" + k].toDouble();
-      const double keep_scale = mask.defined() ? 1.0 / (1.0 - ctx->saved_data["dropout" + k].toDouble()) : 1.0;
-      const int64_t r = A.size(0);
-      const at::Tensor u2 = u.reshape({-1, r});
-      at::Tensor dA, dB;
-      if (ctx->needs_input_grad(input + 1)) dB = mm_as(g2.t(), u2, at::kFloat).mul_(scale);
-      if (want_dx || ctx->needs_input_grad(input)) {
-        const at::Tensor du = at::mm(g2, B.to(dtype)).mul_(scale);  // [N, r]
-        if (ctx->needs_input_grad(input)) {
-          const at::Tensor x2 = x.reshape({-1, in});
-          const at::Tensor dropped = mask.defined() ? (x2 * mask.reshape({-1, in})).mul_(keep_scale) : x2;
-          dA = mm_as(du.t(), dropped, at::kFloat);
-        }
-        if (want_dx) {
-          if (mask.defined()) {
-            at::Tensor dxl = at::mm(du, A.to(dtype));  // [N, in]
-            dxl.mul_(mask.reshape({-1, in})).mul_(keep_scale);
-            dx.add_(dxl);
-          } else {
-            accumulate(du, A.to(dtype));
-          }
+      if (ctx->needs_input_grad(static_cast<size_t>(input_of[i] + 1))) db_of[i] = mm_as(g2.t(), u_of[i], at::kFloat).mul_(scale);
+      if (want_dx || ctx->needs_input_grad(static_cast<size_t>(input_of[i]))) du_of[i] = at::mm(g2, b_of[i]).mul_(scale);
+    }
+    // Per segment: dA = dU^T input, dx += dU A (through the dropout mask for a dropout segment).
+    for (int64_t j = 0; j < n_seg; ++j) {
+      const std::vector<int64_t> members = ctx->saved_data["segment" + std::to_string(j)].toIntVector();
+      if (!du_of[members[0]].defined()) continue;
+      const at::Tensor& a_seg = saved[static_cast<size_t>(2 + 2 * j)];
+      std::vector<at::Tensor> dus;
+      for (int64_t i : members) dus.push_back(du_of[i]);
+      const at::Tensor du = dus.size() == 1 ? dus[0] : at::cat(dus, 1);  // [N, sum r]
+      const at::Tensor mask = ctx->saved_data["mask" + std::to_string(j)].toTensor();
+      const double keep = mask.defined() ? ctx->saved_data["keep" + std::to_string(j)].toDouble() : 1.0;
+      const at::Tensor x2 = x.reshape({-1, in});
+      bool want_da = false;
+      for (int64_t i : members) want_da = want_da || ctx->needs_input_grad(static_cast<size_t>(input_of[i]));
+      if (want_da) {
+        const at::Tensor input = mask.defined() ? (x2 * mask.reshape({-1, in})).mul_(keep) : x2;
+        const at::Tensor da = mm_as(du.t(), input, at::kFloat);  // [sum r, in]
+        int64_t off = 0;
+        for (int64_t i : members) {
+          da_of[i] = da.narrow(0, off, b_of[i].size(1));
+          off += b_of[i].size(1);
         }
       }
-      grads.push_back(dA);
-      grads.push_back(dB);
-      input += 2;
+      if (!want_dx) continue;
+      if (mask.defined()) {
+        at::Tensor dxl = at::mm(du, a_seg);  // [N, in]
+        dxl.mul_(mask.reshape({-1, in})).mul_(keep);
+        dx.add_(dxl);
+      } else {
+        accumulate(du, a_seg);
+      }
     }
-    if (dx.defined()) grads[0] = dx.view(x.sizes());
+    variable_list grads = {dx.defined() ? dx.view(x.sizes()) : at::Tensor()};  // dx, then dA_i, dB_i
+    for (int64_t i = 0; i < n; ++i)
+      if (input_of[i] >= 0) grads.insert(grads.end(), {da_of[i], db_of[i]});
     grads.resize(grads.size() + 4);  // group, scratch, training, output_read
     return grads;
   }

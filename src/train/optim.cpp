@@ -83,6 +83,17 @@ void adamw_step(AdamWState& state, const std::vector<at::Tensor>& params, const 
   const double step_size = lr / bias_correction1;
   const double bc2_sqrt = std::sqrt(bias_correction2);
   for (auto& [key, gr] : groups) {
+    if (std::get<0>(key) == static_cast<int>(at::kCUDA)) {
+      // On CUDA one fused multi-tensor kernel (torch.optim.AdamW(fused=True)'s): the same update
+      // in fp32 with the bias corrections from the step count on the device, and no per-step
+      // temporaries -- the foreach form below allocates a denominator per parameter, host work
+      // the GPU waited ~3 ms for at Llama-3-8B's 448 LoRA tensors (bench train's idle gaps).
+      const at::Tensor step = at::full({}, static_cast<double>(state.step), gr.p.front().options().dtype(at::kFloat));
+      const std::vector<at::Tensor> steps(gr.p.size(), step);  // one count, read by every tensor
+      at::_fused_adamw_(gr.p, gr.g, gr.m, gr.v, {}, steps, lr, o.beta1, o.beta2, o.weight_decay, o.eps,
+                        /*amsgrad=*/false, /*maximize=*/false);
+      continue;
+    }
     if (o.weight_decay != 0) at::_foreach_mul_(gr.p, 1 - lr * o.weight_decay);
     at::_foreach_mul_(gr.m, o.beta1);
     at::_foreach_add_(gr.m, gr.g, 1 - o.beta1);
