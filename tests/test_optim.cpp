@@ -416,7 +416,11 @@ TEST_CASE("AdamW, clipping, loss scaling and RNG state on CUDA agree with the CP
   for (size_t i = 0; i < cpu.size(); ++i) {
     CHECK(dev[i].is_cuda());
     CHECK(at::allclose(dev[i].cpu(), cpu[i], 1e-5, 1e-7));
-    CHECK(at::allclose(sd.exp_avg_sq[i].cpu(), sc.exp_avg_sq[i], 1e-5, 1e-12));
+    // CUDA runs torch's fused AdamW kernel, whose (1 - beta2) is 1 - float(0.999) = 0.00099998713
+    // where the CPU's foreach form rounds the double 1 - 0.999 to 0.001f: every new g^2 term is
+    // 1.29e-5 smaller relative; anything beyond that would be a real difference.
+    CHECK(at::allclose(sd.exp_avg_sq[i].cpu(), sc.exp_avg_sq[i], 2e-5, 1e-12));
+    CHECK(at::allclose(sd.exp_avg[i].cpu(), sc.exp_avg[i], 1e-5, 1e-12));
   }
 
   std::vector<at::Tensor> gc = random_tensors(g, 0.3), gd;
