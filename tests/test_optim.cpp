@@ -420,7 +420,7 @@ TEST_CASE("AdamW, clipping, loss scaling and RNG state on CUDA agree with the CP
     // where the CPU's foreach form rounds the double 1 - 0.999 to 0.001f: every new g^2 term is
     // 1.29e-5 smaller relative; anything beyond that would be a real difference.
     CHECK(at::allclose(sd.exp_avg_sq[i].cpu(), sc.exp_avg_sq[i], 2e-5, 1e-12));
-    CHECK(at::allclose(sd.exp_avg[i].cpu(), sc.exp_avg[i], 1e-5, 1e-12));
+    CHECK(at::allclose(sd.exp_avg[i].cpu(), sc.exp_avg[i], 1e-5, 1e-8));  // m may cancel to ~0: an absolute floor
   }
 
   std::vector<at::Tensor> gc = random_tensors(g, 0.3), gd;
