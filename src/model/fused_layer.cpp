@@ -47,6 +47,31 @@ kernels::FloatType float_type(at::ScalarType t) {
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " launch failed: ", cudaGetErrorString(err));
 }
+
+// The forward kernel on contiguous x [..., hidden] and w: (sum, out, rstd); with delta (x's shape,
+// contiguous) the row normalized is x + delta, returned as sum (add_rms_norm), else sum is undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_forward_cuda(const at::Tensor& x, const at::Tensor& delta,
+                                                                     const at::Tensor& w, double eps, bool want_rstd) {
+  const int64_t hidden = x.size(-1), rows = x.numel() / hidden;
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty_like(x);
+  at::Tensor sum = delta.defined() ? at::empty_like(x) : at::Tensor();
+  at::Tensor rstd = want_rstd ? at::empty({rows}, x.options().dtype(at::kFloat)) : at::Tensor();
+  kernels::RmsNormForwardArgs a;
+  a.x = x.data_ptr();
+  a.delta = delta.defined() ? delta.data_ptr() : nullptr;
+  a.sum = delta.defined() ? sum.data_ptr() : nullptr;
+  a.w = w.data_ptr();
+  a.out = out.data_ptr();
+  a.rstd = want_rstd ? rstd.data_ptr<float>() : nullptr;
+  a.type = float_type(x.scalar_type());
+  a.rows = rows;
+  a.hidden = hidden;
+  a.eps = static_cast<float>(eps);
+  check_launch(kernels::rms_norm_forward(a, at::cuda::getCurrentCUDAStream(x.device().index())),
+               delta.defined() ? "add_rms_norm" : "rms_norm_forward");
+  return {sum, out, rstd};
+}
 #endif
 }  // namespace
 
@@ -63,19 +88,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fused_forward(const at::Tensor& x_in
   const int64_t hidden = x.size(-1), rows = x.numel() / hidden;
 #ifdef QLORA_WITH_CUDA
   if (x.is_cuda()) {
-    const c10::cuda::CUDAGuard guard(x.device());
-    at::Tensor out = at::empty_like(x);
-    at::Tensor rstd = want_rstd ? at::empty({rows}, x.options().dtype(at::kFloat)) : at::Tensor();
-    kernels::RmsNormForwardArgs a;
-    a.x = x.data_ptr();
-    a.w = w.data_ptr();
-    a.out = out.data_ptr();
-    a.rstd = want_rstd ? rstd.data_ptr<float>() : nullptr;
-    a.type = float_type(x.scalar_type());
-    a.rows = rows;
-    a.hidden = hidden;
-    a.eps = static_cast<float>(eps);
-    check_launch(kernels::rms_norm_forward(a, at::cuda::getCurrentCUDAStream(x.device().index())), "rms_norm_forward");
+    auto [sum, out, rstd] = rms_norm_forward_cuda(x, at::Tensor(), w, eps, want_rstd);
     return {out, rstd};
   }
 #endif
@@ -137,26 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fused_forward(const 
   TORCH_CHECK(h_in.sizes() == delta_in.sizes(), "add_rms_norm: h ", h_in.sizes(), " and delta ", delta_in.sizes(),
               " must have one shape");
 #ifdef QLORA_WITH_CUDA
-  if (h_in.is_cuda()) {
-    const at::Tensor h = h_in.contiguous(), delta = delta_in.contiguous(), wc = w.contiguous();
-    const int64_t hidden = h.size(-1), rows = h.numel() / hidden;
-    const c10::cuda::CUDAGuard guard(h.device());
-    at::Tensor sum = at::empty_like(h), out = at::empty_like(h);
-    at::Tensor rstd = want_rstd ? at::empty({rows}, h.options().dtype(at::kFloat)) : at::Tensor();
-    kernels::RmsNormForwardArgs a;
-    a.x = h.data_ptr();
-    a.delta = delta.data_ptr();
-    a.sum = sum.data_ptr();
-    a.w = wc.data_ptr();
-    a.out = out.data_ptr();
-    a.rstd = want_rstd ? rstd.data_ptr<float>() : nullptr;
-    a.type = float_type(h.scalar_type());
-    a.rows = rows;
-    a.hidden = hidden;
-    a.eps = static_cast<float>(eps);
-    check_launch(kernels::rms_norm_forward(a, at::cuda::getCurrentCUDAStream(h.device().index())), "add_rms_norm");
-    return {sum, out, rstd};
-  }
+  if (h_in.is_cuda()) return rms_norm_forward_cuda(h_in.contiguous(), delta_in.contiguous(), w.contiguous(), eps, want_rstd);
 #endif
   const at::Tensor sum = h_in + delta_in;
   auto [out, rstd] = rms_norm_fused_forward(sum, w, eps, want_rstd);
