@@ -324,6 +324,9 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
         off += b_of[i].size(1);
       }
     }
+    // dU is needed for x's gradient or any dA (a segment's dA is one GEMM over all its members' dU).
+    bool want_du = want_dx;
+    for (int64_t i = 0; i < n; ++i) want_du = want_du || (input_of[i] >= 0 && ctx->needs_input_grad(static_cast<size_t>(input_of[i])));
     // The base terms and each adapter's dB and dU = s g B.
     for (int64_t i = 0; i < n; ++i) {
       const std::string k = std::to_string(i);
@@ -333,12 +336,12 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
       if (input_of[i] < 0) continue;
       const double scale = ctx->saved_data["scale" + k].toDouble();
       if (ctx->needs_input_grad(static_cast<size_t>(input_of[i] + 1))) db_of[i] = mm_as(g2.t(), u_of[i], at::kFloat).mul_(scale);
-      if (want_dx || ctx->needs_input_grad(static_cast<size_t>(input_of[i]))) du_of[i] = at::mm(g2, b_of[i]).mul_(scale);
+      if (want_du) du_of[i] = at::mm(g2, b_of[i]).mul_(scale);
     }
     // Per segment: dA = dU^T input, dx += dU A (through the dropout mask for a dropout segment).
     for (int64_t j = 0; j < n_seg; ++j) {
       const std::vector<int64_t> members = ctx->saved_data["segment" + std::to_string(j)].toIntVector();
-      if (!du_of[members[0]].defined()) continue;
+      if (!want_du) continue;
       const at::Tensor& a_seg = saved[static_cast<size_t>(2 + 2 * j)];
       std::vector<at::Tensor> dus;
       for (int64_t i : members) dus.push_back(du_of[i]);
@@ -353,7 +356,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
         const at::Tensor da = mm_as(du.t(), input, at::kFloat);  // [sum r, in]
         int64_t off = 0;
         for (int64_t i : members) {
-          da_of[i] = da.narrow(0, off, b_of[i].size(1));
+          if (ctx->needs_input_grad(static_cast<size_t>(input_of[i]))) da_of[i] = da.narrow(0, off, b_of[i].size(1));
           off += b_of[i].size(1);
         }
       }
