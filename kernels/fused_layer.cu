@@ -287,13 +287,7 @@ struct RopeVec {
   }
 };
 
-// RoPE: a group of `lanes` lanes of a warp per row of head_dim values (32 / lanes rows per warp,
-// grid-stride over the batch * heads * seq rows); each lane rotates kRopeVec consecutive pairs (i,
-// i + head_dim / 2) at a time with vector loads (VEC; head_dim / 2 a multiple of kRopeVec, every
-// pointer and stride aligned to it), or one pair at a time. The row is split into (batch, head,
-// token) once per row: the first form, one thread per pair, paid three 64-bit divisions per pair --
-// a long software routine on the GPU -- and ran at ~4x its memory time on an H100; a warp per row
-// with 2-byte accesses still moved only ~37 % of a copy's bandwidth there (2026-12-07).
+// The rotation of n (<= kRopeVec) pairs: both halves, each product rounded to T as ATen does.
 template <typename T, bool BACKWARD>
 __device__ __forceinline__ void rope_rotate(const float (&x1)[kRopeVec], const float (&x2)[kRopeVec],
                                             const float (&c1)[kRopeVec], const float (&c2)[kRopeVec],
@@ -312,6 +306,13 @@ __device__ __forceinline__ void rope_rotate(const float (&x1)[kRopeVec], const f
   }
 }
 
+// RoPE: a group of `lanes` lanes of a warp per row of head_dim values (32 / lanes rows per warp,
+// grid-stride over the batch * heads * seq rows); each lane rotates kRopeVec consecutive pairs (i,
+// i + head_dim / 2) at a time with vector loads (VEC; head_dim / 2 a multiple of kRopeVec, every
+// pointer and stride aligned to it), or one pair at a time. The row is split into (batch, head,
+// token) once per row: the first form, one thread per pair, paid three 64-bit divisions per pair --
+// a long software routine on the GPU -- and ran at ~4x its memory time on an H100; a warp per row
+// with 2-byte accesses still moved only ~37 % of a copy's bandwidth there (2026-12-07).
 template <typename T, bool BACKWARD, bool VEC>
 __global__ void __launch_bounds__(kEltThreads) rope_kernel(const T* __restrict__ x, const T* __restrict__ cos,
                                                            const T* __restrict__ sin, T* __restrict__ out,
