@@ -401,6 +401,53 @@ TEST_CASE("lora: the backward re-dequantizes W into the same scratch and keeps n
   CHECK(rel_err(got3[0], at::matmul(g, Wref)) <= 1e-6);
 }
 
+TEST_CASE("lora: keep_for_backward -- the forward's dequantized W serves the backward, the scratch unused; bit for bit", "[lora]") {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(9);
+  auto make = [&](int64_t out, int64_t in) {
+    qlora::LinearWeight w;
+    w.nf4 = qlora::nf4_quantize(at::randn({out, in}, gen), 64, true);
+    w.out_features = out;
+    w.in_features = in;
+    return w;
+  };
+  // A group (q with an adapter, k without: an untargeted projection), a lone adapted projection and
+  // a lone base one -- every autograd function that dequantizes an NF4 weight.
+  const qlora::LinearWeight q = make(40, 96), k = make(24, 96), o = make(72, 96), d = make(33, 96);
+  auto adapter = [&](int64_t out) {
+    return qlora::LoraLinear{.A = (at::randn({3, 96}, gen) * 0.2).requires_grad_(true),
+                             .B = (at::randn({out, 3}, gen) * 0.2).requires_grad_(true), .scale = 0.7};
+  };
+  const qlora::LoraLinear lq = adapter(40), lo = adapter(72);
+  const at::Tensor x0 = at::randn({2, 5, 96}, gen);
+  std::vector<at::Tensor> gs;
+  for (const int64_t out : {40, 24, 72, 33}) gs.push_back(at::randn({2, 5, out}, gen));
+  auto run = [&](qlora::DequantScratch& scratch, bool keep) {
+    const at::Tensor x = x0.clone().requires_grad_(true);
+    scratch.keep_for_backward = keep;
+    std::vector<at::Tensor> ys = qlora::lora_linear_group_forward(x, {&q, &k}, {&lq, nullptr}, scratch, true);
+    ys.push_back(qlora::lora_linear_forward(x, o, &lo, scratch, true));
+    ys.push_back(qlora::lora_linear_forward(x, d, nullptr, scratch, true));
+    scratch.keep_for_backward = false;  // the backward runs without it, as in the trainer
+    std::vector<at::Tensor> out = torch::autograd::grad(ys, {x, lq.A, lq.B, lo.A, lo.B}, gs);
+    out.insert(out.end(), ys.begin(), ys.end());
+    return out;
+  };
+  qlora::DequantScratch plain, kept;
+  const std::vector<at::Tensor> want = run(plain, false), got = run(kept, true);
+  CHECK(plain.buffer.defined());
+  CHECK_FALSE(kept.buffer.defined());  // no dequant into the scratch, forward or backward
+  REQUIRE(got.size() == want.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    CAPTURE(i);
+    CHECK(at::equal(got[i], want[i]));
+  }
+  // Without grad (no backward to keep it for) the weights are still dequantized once each.
+  at::NoGradGuard no_grad;
+  kept.keep_for_backward = true;
+  CHECK(at::equal(qlora::lora_linear_forward(x0, o, &lo, kept, true), want[7]));
+  kept.keep_for_backward = false;
+}
+
 TEST_CASE("lora: model hook -- B = 0 is the base model bit for bit; B != 0 equals the merged weights", "[lora][model]") {
   for (bool in_4bit : {true, false}) {
     INFO("NF4 " << in_4bit);

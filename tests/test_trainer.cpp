@@ -12,6 +12,10 @@
 #include "qlora/safetensors.h"
 #include "qlora/trainer.h"
 #include "test_cuda_util.h"
+#ifdef QLORA_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#endif
 
 #include <catch2/catch_approx.hpp>
 #include <catch2/catch_test_macros.hpp>
@@ -235,6 +239,52 @@ TEST_CASE("trainer: the input embedding in pinned host memory equals keeping it 
   CHECK(*ev_on == *ev_off);
 }
 
+TEST_CASE("trainer: peak memory by phase on CUDA", "[train][cuda]") {
+  QLORA_REQUIRE_CUDA();
+#ifdef QLORA_WITH_CUDA
+  TempDir d("qlora_train");
+  write_fixture(d.path);
+  qlora::TrainerOptions o;
+  o.write_outputs = false;
+  o.track_phase_peaks = true;
+  const auto cfg = config(d.path, {"device=cuda", "bf16=false", "micro_batch_size=2"});
+  qlora::Trainer t = qlora::make_trainer(cfg, o);
+  qlora::train_step(t);  // warm-up: the allocator's pools and the optimizer state exist afterwards
+  c10::cuda::device_synchronize();
+  t.phase_peak_bytes = {};
+  const int64_t idx = t.device.index();
+  c10::cuda::CUDACachingAllocator::resetPeakStats(idx);
+  const auto allocated = [&](bool peak) {
+    const auto st = c10::cuda::CUDACachingAllocator::getDeviceStats(idx);
+    const auto& s = st.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
+    return peak ? s.peak : s.current;
+  };
+  const int64_t before = allocated(false);
+  qlora::train_step(t);
+  qlora::note_phase_peak(t);
+  CHECK(allocated(true) == allocated(false));  // just reset
+  int64_t params = 0;
+  for (const at::Tensor& p : t.params) params += p.nbytes();
+  for (qlora::TrainPhase ph : {qlora::TrainPhase::forward, qlora::TrainPhase::loss, qlora::TrainPhase::backward,
+                               qlora::TrainPhase::optimizer}) {
+    CAPTURE(qlora::to_string(ph));
+    // Every phase holds the model and the LoRA state that were there before the step.
+    CHECK(t.phase_peak_bytes[static_cast<size_t>(ph)] >= before);
+  }
+  // The backward holds the masters' gradients besides everything else (they are freed only by the next step).
+  CHECK(t.phase_peak_bytes[static_cast<size_t>(qlora::TrainPhase::backward)] >= before + params);
+  CHECK(t.phase_peak_bytes[static_cast<size_t>(qlora::TrainPhase::load)] == 0);
+
+  // Without the option nothing is counted.
+  qlora::TrainerOptions plain;
+  plain.write_outputs = false;
+  qlora::Trainer u = qlora::make_trainer(cfg, plain);
+  qlora::train_step(u);
+  qlora::note_phase_peak(u);
+  for (const int64_t b : u.phase_peak_bytes) CHECK(b == 0);
+#endif
+}
+
 TEST_CASE("trainer: mlp_tile_tokens trains as the untiled MLP", "[train]") {
   TempDir d("qlora_train");
   write_fixture(d.path);
@@ -271,6 +321,37 @@ TEST_CASE("trainer: the recompute without its unread outputs equals the full rec
   at::manual_seed(99);
   const qlora::Batch batch = qlora::make_train_batch(a, {4, 5});
   const double la = qlora::forward_backward(a, batch, 50.0).item<double>();
+  at::manual_seed(99);
+  const double lb = qlora::forward_backward(b, batch, 50.0).item<double>();
+  CHECK(la == lb);
+  for (size_t i = 0; i < a.params.size(); ++i) {
+    CAPTURE(a.param_names[i]);
+    CHECK(at::equal(a.params[i].grad(), b.params[i].grad()));
+  }
+}
+
+TEST_CASE("trainer: a recompute reusing its dequantized weights in the backward equals dequantizing again, bitwise", "[train]") {
+  TempDir d("qlora_train");
+  write_fixture(d.path);
+  const std::vector<std::string> common = {"adapter=qlora", "load_in_4bit=true", "lora_dropout=0.1", "micro_batch_size=2",
+                                           "gradient_checkpointing=true"};
+  auto reuse_cfg = common, again_cfg = common;
+  again_cfg.push_back("gradient_checkpointing_reuse_weights=false");
+  qlora::TrainerOptions o;
+  o.write_outputs = false;
+  qlora::Trainer a = qlora::make_trainer(config(d.path, reuse_cfg), o);
+  qlora::Trainer b = qlora::make_trainer(config(d.path, again_cfg), o);
+  REQUIRE(a.config.gradient_checkpointing_reuse_weights);  // the default
+  REQUIRE(a.model.layers[0].q_proj.nf4.has_value());
+  for (qlora::Trainer* t : {&a, &b}) {
+    at::NoGradGuard ng;
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(3);
+    for (at::Tensor& p : t->params) p.add_(at::randn(p.sizes(), gen) * 0.05);  // B != 0: every path matters
+  }
+  at::manual_seed(99);
+  const qlora::Batch batch = qlora::make_train_batch(a, {4, 5});
+  const double la = qlora::forward_backward(a, batch, 50.0).item<double>();
+  CHECK_FALSE(a.scratch.keep_for_backward);  // only while a recompute runs
   at::manual_seed(99);
   const double lb = qlora::forward_backward(b, batch, 50.0).item<double>();
   CHECK(la == lb);

@@ -74,6 +74,9 @@ struct TrainConfig {
   int64_t mlp_tile_tokens = 0;            // the layers' MLP over tiles of N tokens (0: off); long sequences
   int64_t gradient_checkpointing_layers = -1;  // checkpointing: the first N layers recompute, the others
                                                // keep their activations (-1: every layer recomputes)
+  bool gradient_checkpointing_reuse_weights = true;  // a recompute's dequantized NF4 weights kept for its
+                                                     // backward (one dequant less each; the layer's bf16
+                                                     // weights held meanwhile)
   bool fused_kernels = true;              // CUDA: fused RMSNorm / SwiGLU / RoPE kernels (false: ATen ops)
   AttentionBackend attention_backend = AttentionBackend::auto_;  // CUDA: the SDPA kernel tried first
   int64_t nonfinite_skip_limit = 0;       // bf16/fp32: steps with a non-finite loss/gradients skipped

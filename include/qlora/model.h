@@ -113,6 +113,11 @@ LlamaWeights random_llama(const HFConfig& config, const ModelLoadOptions& option
 // reuses it (no allocation per call). One per device; not shared between threads.
 struct DequantScratch {
   at::Tensor buffer;  // flat, compute dtype
+  // Set by the trainer around a checkpointed layer's recompute (gradient_checkpointing_reuse_weights):
+  // the LoRA model's NF4 projections dequantize into a tensor of their own, which their autograd
+  // function keeps for its backward (and drops there), instead of into `buffer` and again in the
+  // backward. One dequant of each of the layer's weights less, for their bytes held until then.
+  bool keep_for_backward = false;
 };
 
 // y = x W^T (+ b) for x [..., in]; NF4 weights are dequantized into `scratch` first (the buffer

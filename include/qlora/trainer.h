@@ -9,6 +9,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <array>
 #include <cstdint>
 #include <filesystem>
 #include <optional>
@@ -40,6 +41,8 @@ struct TrainerOptions {
   bool recompute_unread_outputs = false;  // measurement switch: a checkpointed layer's recompute
                                           // also runs down_proj and the last residual add, whose
                                           // result the backward never reads (the way before 2026-12-07)
+  bool track_phase_peaks = false;  // CUDA: Trainer::phase_peak_bytes (each phase change resets the
+                                   // allocator's peak counters: the overall peak is their maximum)
 };
 
 // The phases of training an out-of-memory error is reported in (OutOfMemory, exit status 3).
@@ -94,10 +97,17 @@ struct Trainer {
   int64_t nonfinite_steps = 0;                       // steps skipped for non-finite loss/gradients (no scaler)
   int64_t total_steps = 0;
   TrainPhase phase = TrainPhase::load;               // what the step is doing (for OOM reports)
+  // options.track_phase_peaks: the caching allocator's peak bytes within each phase, by TrainPhase
+  // (the highest over every time the phase ran since they were last zeroed).
+  std::array<int64_t, 5> phase_peak_bytes{};
 };
 
 // Marks the start of a phase (and fires options.inject_oom_phase when it names it).
 void enter_phase(Trainer& trainer, TrainPhase phase);
+// With options.track_phase_peaks on a CUDA device: the allocator's peak since the last call is
+// counted to trainer.phase in phase_peak_bytes, and the peak counters are reset (enter_phase calls
+// it; call it once more after the last step to count the tail of the last phase).
+void note_phase_peak(Trainer& trainer);
 // The one-line report of an out-of-memory error in trainer.phase: the phase, the step, the
 // memory in use, and what to lower, by what the config has.
 std::string out_of_memory_message(const Trainer& trainer, const std::string& what);

@@ -34,6 +34,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <chrono>
 #include <cstdio>
@@ -83,6 +84,7 @@ struct TrainBenchOptions {
   int64_t checkpoint_layers = -1;  // gradient_checkpointing_layers: the first N layers recompute (-1: all)
   bool no_fused_kernels = false;   // fused_kernels: false (the ATen ops instead of the fused kernels)
   bool recompute_unread = false;   // TrainerOptions::recompute_unread_outputs (the recompute as before 2026-12-07)
+  bool no_reuse_weights = false;   // gradient_checkpointing_reuse_weights off: the backward dequantizes again
   double prompt_fraction = 0;      // the first fraction of each row has no loss (labels -100)
   int top_kernels = 8;             // the profiled step's most expensive "other" kernels, by name
   AttentionBackend attention = AttentionBackend::auto_;  // attention_backend: the SDPA kernel tried first
@@ -189,6 +191,7 @@ struct Measurement {
   std::map<std::string, double> split;  // CUDA time split (empty when not profiled)
   std::map<std::string, double> other_by_name;  // ms of each "other" kernel name in the profiled step
   IdleSummary idle;                             // the profiled step's gaps between kernels
+  std::array<int64_t, 5> phase_peak_bytes{};    // the timed steps' peak within each TrainPhase
 };
 
 Measurement measure(const TrainConfig& base_config, const LlamaWeights& model, int64_t seq, int64_t batch, int steps,
@@ -219,6 +222,7 @@ Measurement measure(const TrainConfig& base_config, const LlamaWeights& model, i
   TrainerOptions topt;
   topt.write_outputs = false;
   topt.recompute_unread_outputs = recompute_unread;
+  topt.track_phase_peaks = true;
   TrainerInputs inputs;
   inputs.model = model;  // shares the weight tensors
   inputs.data = std::move(data);
@@ -237,6 +241,7 @@ Measurement measure(const TrainConfig& base_config, const LlamaWeights& model, i
 #ifdef QLORA_WITH_CUDA
   if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
 #endif
+  t.phase_peak_bytes = {};  // the timed steps only
   const auto t0 = std::chrono::steady_clock::now();
   for (int i = 0; i < steps; ++i) m.last_loss = train_step(t).loss;
   sync();
@@ -245,8 +250,10 @@ Measurement measure(const TrainConfig& base_config, const LlamaWeights& model, i
   m.tokens_per_s = static_cast<double>(steps) * static_cast<double>(batch * seq) / secs;
 #ifdef QLORA_WITH_CUDA
   if (device.is_cuda()) {
-    const auto st = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
-    m.peak_bytes = st.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
+    // Every phase change reset the allocator's peak counters: the peak is the phases' maximum.
+    note_phase_peak(t);
+    m.phase_peak_bytes = t.phase_peak_bytes;
+    m.peak_bytes = *std::max_element(m.phase_peak_bytes.begin(), m.phase_peak_bytes.end());
     if (profile) m.split = profile_step([&] { train_step(t); }, m.other_by_name, m.idle, n_gaps);
   }
 #else
@@ -295,6 +302,7 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
   config.embedding_offloading = o.embedding_offload;
   config.mlp_tile_tokens = o.mlp_tile_tokens;
   config.gradient_checkpointing_layers = o.checkpoint_layers;
+  config.gradient_checkpointing_reuse_weights = !o.no_reuse_weights;
   config.fused_kernels = !o.no_fused_kernels;
   config.attention_backend = o.attention;
   config.gpu_memory_limit = o.gpu_memory_limit;
@@ -333,7 +341,7 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
                                                                             : "auto";
   const char* dtype_label = mo.compute_dtype == at::kBFloat16 ? "bf16" : mo.compute_dtype == at::kHalf ? "fp16" : "fp32";
   std::printf("qlora bench train --shape %s on %s: %s base, compute %s, LoRA r %d (alpha %d) on all 7 projections, "
-              "batch %lld, gradient checkpointing%s%s%s%s%s%s%s%s; model built in %.1f s\n",
+              "batch %lld, gradient checkpointing%s%s%s%s%s%s%s%s%s; model built in %.1f s\n",
               o.shape.c_str(), device_name.c_str(), mo.load_in_4bit ? "NF4" : "16-bit", dtype_label, o.rank, 2 * o.rank,
               static_cast<long long>(r.batch),
               o.checkpoint_layers >= 0 ? (" of the first " + std::to_string(o.checkpoint_layers) + " layers").c_str() : "",
@@ -341,6 +349,7 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
               o.mlp_tile_tokens > 0 ? (", MLP in tiles of " + std::to_string(o.mlp_tile_tokens) + " tokens").c_str() : "",
               o.no_fused_kernels ? ", fused kernels off" : "",
               o.recompute_unread ? ", recompute of unread outputs" : "",
+              o.no_reuse_weights ? ", backward dequantizes again" : "",
               o.attention == AttentionBackend::auto_ ? "" : (std::string(", ") + attention_name + " attention first").c_str(),
               o.prompt_fraction > 0 ? (", the first " + std::to_string(static_cast<int>(100 * o.prompt_fraction + 0.5)) +
                                        " % of each row a masked prompt").c_str()
@@ -351,6 +360,7 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
               {"rank", o.rank},   {"batch", r.batch},      {"offload", o.offload}, {"embedding_offload", o.embedding_offload}, {"mlp_tile_tokens", o.mlp_tile_tokens},
               {"checkpoint_layers", o.checkpoint_layers}, {"fused_kernels", !o.no_fused_kernels},
               {"recompute_unread_outputs", o.recompute_unread},
+              {"reuse_weights", !o.no_reuse_weights},
               {"attention", attention_name},
               {"prompt_fraction", o.prompt_fraction}};
 
@@ -420,8 +430,17 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
                 m.flops.total(), achieved_tf);
     if (peak_tf > 0) std::printf(", MFU %.1f %% of %.1f TFLOP/s\n", 100.0 * mfu, peak_tf);
     else std::printf(" (MFU: no peak known for this device; give --peak-tflops)\n");
-    if (device.is_cuda())
-      std::printf("  peak memory (caching allocator): %.2f GiB\n", static_cast<double>(m.peak_bytes) / (1 << 30));
+    if (device.is_cuda()) {
+      std::printf("  peak memory (caching allocator): %.2f GiB; by phase:", static_cast<double>(m.peak_bytes) / (1 << 30));
+      json jp;
+      for (TrainPhase ph : {TrainPhase::forward, TrainPhase::loss, TrainPhase::backward, TrainPhase::optimizer}) {
+        const int64_t b = m.phase_peak_bytes[static_cast<size_t>(ph)];
+        std::printf(" %s %.2f", to_string(ph), static_cast<double>(b) / (1 << 30));
+        jp[to_string(ph)] = b;
+      }
+      std::printf(" GiB\n");
+      out["phase_peak_memory_bytes"] = jp;
+    }
     out.update({{"seq", m.seq},
                 {"steps", o.steps},
                 {"warmup", o.warmup},
@@ -512,6 +531,9 @@ BenchTrainFn add_bench_train_options(CLI::App& bench, std::shared_ptr<const Benc
   bench.add_flag("--recompute-unread", st->recompute_unread,
                  "train: a checkpointed layer's recompute also runs down_proj and the last residual add, whose "
                  "result the backward never reads (the recompute before 2026-12-07; for measuring the saving)");
+  bench.add_flag("--no-reuse-weights", st->no_reuse_weights,
+                 "train: a recomputed layer's backward dequantizes its NF4 weights again instead of reusing the "
+                 "recompute's (gradient_checkpointing_reuse_weights: false; for measuring the saving)");
   bench.add_option("--prompt-fraction", st->prompt_fraction,
                    "train: the first fraction of each row is a prompt with no loss (labels -100), as in supervised "
                    "fine-tuning; in [0, 1)")

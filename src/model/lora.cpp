@@ -5,7 +5,8 @@
 //   dA = dU^T drop(X)     (drop(X) rebuilt from X and the saved mask)
 //   dX = g deq(W) + drop'(dU A)
 // W is dequantized into the shared scratch in the forward and again in the backward; no copy of
-// it is ever saved (the scratch has been overwritten by the next projection by then).
+// it is saved (the scratch has been overwritten by the next projection by then) -- except in a
+// checkpointed layer's recompute (DequantScratch::keep_for_backward), whose backward follows at once.
 //
 // Facts from PEFT 0.21 (read, not copied): LoraLayer.update_layer: scaling = lora_alpha / r, or
 // lora_alpha / sqrt(r) with use_rslora; lora_dropout = nn.Dropout(p) when p > 0 else Identity.
@@ -164,11 +165,16 @@ void save_base_weight(AutogradContext* ctx, const LinearWeight& base, DequantScr
   ctx->saved_data["dense" + k] = base.dense;
 }
 
-// The frozen base weight in a forward: a view of the scratch holding deq(W), or the dense weight.
+// The frozen base weight in a forward: a view of the scratch holding deq(W), or the dense weight;
+// with scratch.keep_for_backward, deq(W) in a tensor of its own, kept for the backward ("kept" + k).
 at::Tensor base_weight_forward(AutogradContext* ctx, const LinearWeight& base, DequantScratch& scratch, at::ScalarType dtype,
                                const std::string& k = "") {
   save_base_weight(ctx, base, scratch, k);
-  return base.nf4 ? dequantize_into_scratch(*base.nf4, scratch, dtype) : base.dense;
+  if (!base.nf4) return base.dense;
+  if (!scratch.keep_for_backward) return dequantize_into_scratch(*base.nf4, scratch, dtype);
+  at::Tensor w = nf4_dequantize(*base.nf4, dtype);
+  ctx->saved_data["kept" + k] = w;
+  return w;
 }
 
 // The result of a projection whose output is never read (output_read = false): the shape of
@@ -179,12 +185,31 @@ at::Tensor unread_output(const at::Tensor& x, const LinearWeight& base) {
   return at::zeros({}, x.options()).expand(shape);
 }
 
-// The same weight in the backward: the scratch holds some other projection's weight by now, so an
-// NF4 weight is dequantized again, into the scratch.
+// The same weight in the backward: the one the forward kept (handed over: the context lets go of it,
+// so it is freed once this GEMM has read it), else -- the scratch holds some other projection's
+// weight by now -- an NF4 weight is dequantized again, into the scratch.
 at::Tensor base_weight_backward(AutogradContext* ctx, at::ScalarType dtype, const std::string& k = "") {
   if (ctx->saved_data.count("dense" + k)) return ctx->saved_data["dense" + k].toTensor();
+  if (auto kept = ctx->saved_data.find("kept" + k); kept != ctx->saved_data.end()) {
+    at::Tensor w = kept->second.toTensor();
+    ctx->saved_data.erase(kept);
+    if (w.scalar_type() == dtype) return w;
+  }
   auto* scratch = reinterpret_cast<DequantScratch*>(static_cast<intptr_t>(ctx->saved_data["scratch"].toInt()));
   return dequantize_into_scratch(load_nf4(ctx, k), *scratch, dtype);
+}
+
+// scale a b in `out_dtype` (mm_as's dtypes). On CUDA the scale is the GEMM's alpha (beta = 0: the
+// empty output is not read): one kernel and one rounding, where mm then mul_ is two of each -- the
+// LoRA backward's dB and dU, a few hundred small GEMMs a step.
+at::Tensor scaled_mm_as(const at::Tensor& a, const at::Tensor& b, double scale, at::ScalarType out_dtype) {
+  const bool half = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
+  if (a.is_cuda() && (out_dtype == a.scalar_type() || (half && out_dtype == at::kFloat))) {
+    at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options().dtype(out_dtype));
+    if (out_dtype == a.scalar_type()) return at::addmm_out(out, out, a, b, /*beta=*/0, /*alpha=*/scale);
+    return at::addmm_out(out, out, a, b, out_dtype, /*beta=*/0, /*alpha=*/scale);
+  }
+  return mm_as(a, b, out_dtype).mul_(scale);
 }
 
 std::optional<at::Tensor> bias_of(const LinearWeight& w) {
@@ -335,8 +360,8 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
       if (want_dx) accumulate(g2, base_weight_backward(ctx, g.scalar_type(), k));
       if (input_of[i] < 0) continue;
       const double scale = ctx->saved_data["scale" + k].toDouble();
-      if (ctx->needs_input_grad(static_cast<size_t>(input_of[i] + 1))) db_of[i] = mm_as(g2.t(), u_of[i], at::kFloat).mul_(scale);
-      if (want_du) du_of[i] = at::mm(g2, b_of[i]).mul_(scale);
+      if (ctx->needs_input_grad(static_cast<size_t>(input_of[i] + 1))) db_of[i] = scaled_mm_as(g2.t(), u_of[i], scale, at::kFloat);
+      if (want_du) du_of[i] = scaled_mm_as(g2, b_of[i], scale, g2.scalar_type());
     }
     // Per segment: dA = dU^T input, dx += dU A (through the dropout mask for a dropout segment).
     for (int64_t j = 0; j < n_seg; ++j) {

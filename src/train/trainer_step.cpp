@@ -36,6 +36,15 @@ at::Tensor head_loss(const Trainer& t, const at::Tensor& h, const at::Tensor& ta
   return fused_linear_cross_entropy(x.reshape({-1, x.size(-1)}), t.model.lm_head, targets.reshape({-1}), o);
 }
 
+// scratch.keep_for_backward on for one scope (a recompute's forward; off again however it ends).
+struct KeepDequantized {
+  DequantScratch& scratch;
+  KeepDequantized(DequantScratch& s, bool on) : scratch(s) { scratch.keep_for_backward = on; }
+  ~KeepDequantized() { scratch.keep_for_backward = false; }
+  KeepDequantized(const KeepDequantized&) = delete;
+  KeepDequantized& operator=(const KeepDequantized&) = delete;
+};
+
 }  // namespace
 
 const char* to_string(TrainPhase phase) {
@@ -49,7 +58,19 @@ const char* to_string(TrainPhase phase) {
   return "?";
 }
 
+void note_phase_peak(Trainer& t) {
+  if (!t.options.track_phase_peaks || !t.device.is_cuda()) return;
+#ifdef QLORA_WITH_CUDA
+  const auto st = c10::cuda::CUDACachingAllocator::getDeviceStats(t.device.index());
+  const int64_t peak = st.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
+  int64_t& slot = t.phase_peak_bytes[static_cast<size_t>(t.phase)];
+  slot = std::max(slot, peak);
+  c10::cuda::CUDACachingAllocator::resetPeakStats(t.device.index());
+#endif
+}
+
 void enter_phase(Trainer& t, TrainPhase phase) {
+  note_phase_peak(t);
   t.phase = phase;
   if (!t.options.inject_oom_phase.empty() && t.options.inject_oom_phase == to_string(phase))
     TORCH_CHECK_WITH(OutOfMemoryError, false, "test hook: CUDA out of memory at the start of the ", to_string(phase),
@@ -221,12 +242,20 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
       set_rng_state(m.device, rng[k]);  // the same dropout masks as the forward (preserve_rng_state)
       // The recompute's own output is never read, only its backward: its last projection and add
       // are skipped (decoder_layer_for_backward), unless asked to run them (a measurement switch).
-      if (t.options.recompute_unread_outputs) {
-        torch::autograd::backward({decoder_layer(hin, m.layers[k], m, attn, t.scratch, &t.lora.layers[k], true)}, {dh});
-      } else {
-        const DecoderLayerTerms terms = decoder_layer_for_backward(hin, m.layers[k], m, attn, t.scratch, &t.lora.layers[k], true);
-        torch::autograd::backward({terms.residual, terms.mlp}, {dh, dh});
+      // Its NF4 weights stay dequantized for the backward (gradient_checkpointing_reuse_weights).
+      std::vector<at::Tensor> roots, grads;
+      {
+        KeepDequantized keep(t.scratch, t.config.gradient_checkpointing_reuse_weights);  // the recompute only
+        if (t.options.recompute_unread_outputs) {
+          roots = {decoder_layer(hin, m.layers[k], m, attn, t.scratch, &t.lora.layers[k], true)};
+          grads = {dh};
+        } else {
+          const DecoderLayerTerms terms = decoder_layer_for_backward(hin, m.layers[k], m, attn, t.scratch, &t.lora.layers[k], true);
+          roots = {terms.residual, terms.mlp};
+          grads = {dh, dh};
+        }
       }
+      torch::autograd::backward(roots, grads);
     } else {
       hin = inputs[k];
       torch::autograd::backward({std::move(outputs[k])}, {dh});
