@@ -92,6 +92,8 @@ max_grad_norm: 0.3
 gradient_checkpointing: false
 attention_backend: cudnn
 embedding_offloading: true
+lm_head_offloading: true
+gradient_checkpointing_reuse_weights: false
 bf16: false
 fp16: true
 device: cuda:1
@@ -143,6 +145,8 @@ resume_from_checkpoint: out/x/checkpoint-50
   CHECK_FALSE(c.gradient_checkpointing);
   CHECK(c.attention_backend == AttentionBackend::cudnn);
   CHECK(c.embedding_offloading);
+  CHECK(c.lm_head_offloading);
+  CHECK_FALSE(c.gradient_checkpointing_reuse_weights);
   CHECK(c.bf16 == Bf16Mode::off);
   CHECK(c.fp16);
   CHECK(c.device == "cuda:1");

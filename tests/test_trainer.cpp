@@ -11,6 +11,7 @@
 #include "qlora/metrics.h"
 #include "qlora/safetensors.h"
 #include "qlora/trainer.h"
+#include "train/weight_offload.h"
 #include "test_cuda_util.h"
 #ifdef QLORA_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -283,6 +284,86 @@ TEST_CASE("trainer: peak memory by phase on CUDA", "[train][cuda]") {
   qlora::note_phase_peak(u);
   for (const int64_t b : u.phase_peak_bytes) CHECK(b == 0);
 #endif
+}
+
+TEST_CASE("OffloadedWeight: the device copy equals the host tensor, made once, dropped by release", "[train]") {
+  const at::Tensor host = at::randn({37, 11});
+  std::vector<at::Device> devices = {at::Device(at::kCPU)};
+  if (at::hasCUDA()) devices.emplace_back(at::kCUDA, 0);
+  for (const at::Device& dev : devices) {
+    CAPTURE(dev);
+    const at::Tensor h = dev.is_cuda() ? host.pin_memory() : host;
+    qlora::OffloadedWeight w(h, dev);
+    CHECK(w.host().is_same(h));
+    CHECK_FALSE(w.on_device());
+    w.prefetch();
+    CHECK(w.on_device());
+    const at::Tensor a = w.get();
+    CHECK(a.device() == dev);
+    CHECK(at::equal(a.cpu(), host));
+    w.prefetch();                     // a copy exists: nothing new
+    CHECK(w.get().is_same(a));
+    w.release();
+    CHECK_FALSE(w.on_device());
+    const at::Tensor b = w.get();     // get() without a prefetch copies first
+    CHECK(at::equal(b.cpu(), host));
+    w.prefetch();
+    w.release();                      // released before anything read it
+    CHECK_FALSE(w.on_device());
+  }
+  CHECK_THROWS_WITH(qlora::OffloadedWeight(at::zeros({2}, at::TensorOptions().device(at::kMeta)), at::Device(at::kCPU)),
+                    ContainsSubstring("must be in host memory"));
+}
+
+TEST_CASE("trainer: lm_head_offloading on a CPU device changes nothing", "[train]") {
+  TempDir d("qlora_train");
+  write_fixture(d.path);
+  qlora::TrainerOptions o;
+  o.write_outputs = false;
+  qlora::Trainer t = qlora::make_trainer(config(d.path, {"lm_head_offloading=true", "max_steps=2"}), o);
+  CHECK(t.lm_head_offload == nullptr);
+  CHECK_FALSE(t.model.lm_head.is_pinned());
+  CHECK(std::isfinite(qlora::train_step(t).loss));
+}
+
+TEST_CASE("trainer: lm_head in pinned host memory equals keeping it on the GPU (untied and tied)", "[train][cuda]") {
+  QLORA_REQUIRE_CUDA();
+  for (const bool tied : {false, true}) {
+    CAPTURE(tied);
+    TempDir d("qlora_train");
+    write_fixture(d.path);
+    if (tied) {  // the same checkpoint read as tied: lm_head = embed_tokens (the stored lm_head is ignored)
+      nlohmann::json cfg = nlohmann::json::parse(qlora::test::read_file(d.path / "model" / "config.json"));
+      cfg["tie_word_embeddings"] = true;
+      qlora::test::write_file(d.path / "model" / "config.json", cfg.dump(2));
+    }
+    qlora::TrainerOptions o;
+    o.write_outputs = false;
+    const std::vector<std::string> common = {"device=cuda", "bf16=false", "micro_batch_size=2", "val_set_size=0.2"};
+    auto on_cfg = common;
+    on_cfg.push_back("lm_head_offloading=true");
+    qlora::Trainer on = qlora::make_trainer(config(d.path, on_cfg), o);
+    qlora::Trainer off = qlora::make_trainer(config(d.path, common), o);
+    REQUIRE(on.lm_head_offload != nullptr);
+    CHECK(on.model.lm_head.is_cpu());
+    CHECK(on.model.lm_head.is_pinned());
+    CHECK(off.model.lm_head.is_cuda());
+    CHECK(on.model.embed_tokens.is_same(on.model.lm_head) == tied);  // a tied table goes with it
+    CHECK(on.model.embed_tokens.is_cpu() == tied);
+    std::vector<double> a, b;
+    for (int s = 0; s < 3; ++s) {
+      a.push_back(qlora::train_step(on).loss);
+      CHECK_FALSE(on.lm_head_offload->on_device());  // dropped after each loss
+    }
+    for (int s = 0; s < 3; ++s) b.push_back(qlora::train_step(off).loss);
+    for (int s = 0; s < 3; ++s) CHECK(a[s] == b[s]);
+    for (size_t i = 0; i < on.params.size(); ++i) CHECK(max_abs_diff(on.params[i], off.params[i]) == 0.0);
+    const std::optional<double> ev_on = qlora::evaluate(on), ev_off = qlora::evaluate(off);
+    REQUIRE(ev_on.has_value());
+    REQUIRE(ev_off.has_value());
+    CHECK(*ev_on == *ev_off);
+    CHECK_FALSE(on.lm_head_offload->on_device());
+  }
 }
 
 TEST_CASE("trainer: mlp_tile_tokens trains as the untiled MLP", "[train]") {

@@ -71,6 +71,7 @@ struct TrainConfig {
   bool gradient_checkpointing = true;
   bool activation_offloading = false;      // checkpointing: keep the layer inputs in pinned CPU memory
   bool embedding_offloading = false;       // CUDA: the input embedding table in pinned CPU memory
+  bool lm_head_offloading = false;         // CUDA: lm_head in pinned CPU memory, on the GPU for the loss only
   int64_t mlp_tile_tokens = 0;            // the layers' MLP over tiles of N tokens (0: off); long sequences
   int64_t gradient_checkpointing_layers = -1;  // checkpointing: the first N layers recompute, the others
                                                // keep their activations (-1: every layer recomputes)

@@ -27,6 +27,8 @@
 
 namespace qlora {
 
+class OffloadedWeight;
+
 // Knobs that are not part of the recipe: set by tests (and the CLI), never by YAML.
 struct TrainerOptions {
   int64_t stop_after_step = -1;        // >= 0: stop after this global step as if interrupted
@@ -75,6 +77,9 @@ struct Trainer {
   int world() const { return comm->world_size(); }
 
   LlamaWeights model;
+  // lm_head_offloading on CUDA: lm_head's pinned host copy and its device copy while the loss runs
+  // (src/train/weight_offload.h); model.lm_head is then the host tensor. Unset otherwise.
+  std::shared_ptr<OffloadedWeight> lm_head_offload;
   LoraModel lora;
   DequantScratch scratch;  // one per device; outlives every backward
 
@@ -111,6 +116,12 @@ void note_phase_peak(Trainer& trainer);
 // The one-line report of an out-of-memory error in trainer.phase: the phase, the step, the
 // memory in use, and what to lower, by what the config has.
 std::string out_of_memory_message(const Trainer& trainer, const std::string& what);
+
+// embedding_offloading / lm_head_offloading on a CUDA device: those frozen tables of `model` to
+// pinned host memory (a tied pair together, with lm_head_offloading). Tables already in host memory
+// stay as they are, so a caller that keeps its own copy of the weights (qlora bench train) offloads
+// that copy first and the GPU memory is really freed. make_trainer calls it.
+void offload_frozen_tables(LlamaWeights& model, const TrainConfig& config, const at::Device& device);
 
 // Device ("auto" -> cuda:0 when CUDA is present, else cpu) and compute dtype (fp16 when
 // config.fp16; bf16 when config.bf16 is on, or auto on a GPU that has it; fp32 on the CPU unless

@@ -77,6 +77,7 @@ struct TrainBenchOptions {
   bool no_profile = false;
   bool offload = false;      // activation_offloading: checkpointed layer inputs in pinned CPU memory
   bool embedding_offload = false;  // embedding_offloading: the input embedding table in pinned CPU memory
+  bool lm_head_offload = false;    // lm_head_offloading: lm_head in pinned CPU memory, on the GPU for the loss
   int64_t mlp_tile_tokens = 0;     // mlp_tile_tokens: the layers' MLP over tiles of N tokens (0: off)
   bool seq_search = false;   // find the longest --seq that trains (doubling until out of memory)
   int64_t max_seq = 262144;
@@ -300,6 +301,7 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
   config.gradient_checkpointing = true;
   config.activation_offloading = o.offload;
   config.embedding_offloading = o.embedding_offload;
+  config.lm_head_offloading = o.lm_head_offload;
   config.mlp_tile_tokens = o.mlp_tile_tokens;
   config.gradient_checkpointing_layers = o.checkpoint_layers;
   config.gradient_checkpointing_reuse_weights = !o.no_reuse_weights;
@@ -332,7 +334,9 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
   mo.compute_dtype = resolve_compute_dtype(config, device);
   mo.device = device;
   const auto t_build = std::chrono::steady_clock::now();
-  const LlamaWeights model = random_llama(shape, mo, r.seed);
+  LlamaWeights model = random_llama(shape, mo, r.seed);
+  // The trainers share these tensors: offload this copy's tables, or their GPU memory stays held here.
+  offload_frozen_tables(model, config, device);
   const double build_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_build).count();
   const char* attention_name = o.attention == AttentionBackend::flash       ? "flash"
                                : o.attention == AttentionBackend::cudnn     ? "cudnn"
@@ -341,11 +345,12 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
                                                                             : "auto";
   const char* dtype_label = mo.compute_dtype == at::kBFloat16 ? "bf16" : mo.compute_dtype == at::kHalf ? "fp16" : "fp32";
   std::printf("qlora bench train --shape %s on %s: %s base, compute %s, LoRA r %d (alpha %d) on all 7 projections, "
-              "batch %lld, gradient checkpointing%s%s%s%s%s%s%s%s%s; model built in %.1f s\n",
+              "batch %lld, gradient checkpointing%s%s%s%s%s%s%s%s%s%s; model built in %.1f s\n",
               o.shape.c_str(), device_name.c_str(), mo.load_in_4bit ? "NF4" : "16-bit", dtype_label, o.rank, 2 * o.rank,
               static_cast<long long>(r.batch),
               o.checkpoint_layers >= 0 ? (" of the first " + std::to_string(o.checkpoint_layers) + " layers").c_str() : "",
               o.offload ? " + activation offloading" : "", o.embedding_offload ? ", embedding in host memory" : "",
+              o.lm_head_offload ? ", lm_head in host memory" : "",
               o.mlp_tile_tokens > 0 ? (", MLP in tiles of " + std::to_string(o.mlp_tile_tokens) + " tokens").c_str() : "",
               o.no_fused_kernels ? ", fused kernels off" : "",
               o.recompute_unread ? ", recompute of unread outputs" : "",
@@ -357,7 +362,7 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
               build_s);
   std::fflush(stdout);
   json out = {{"shape", o.shape}, {"device", device_name}, {"dtype", dtype_label}, {"nf4", mo.load_in_4bit},
-              {"rank", o.rank},   {"batch", r.batch},      {"offload", o.offload}, {"embedding_offload", o.embedding_offload}, {"mlp_tile_tokens", o.mlp_tile_tokens},
+              {"rank", o.rank},   {"batch", r.batch},      {"offload", o.offload}, {"embedding_offload", o.embedding_offload}, {"lm_head_offload", o.lm_head_offload}, {"mlp_tile_tokens", o.mlp_tile_tokens},
               {"checkpoint_layers", o.checkpoint_layers}, {"fused_kernels", !o.no_fused_kernels},
               {"recompute_unread_outputs", o.recompute_unread},
               {"reuse_weights", !o.no_reuse_weights},
@@ -516,6 +521,9 @@ BenchTrainFn add_bench_train_options(CLI::App& bench, std::shared_ptr<const Benc
   bench.add_option("--peak-tflops", st->peak_tflops, "train: the device's peak TFLOP/s for MFU (default: from its name)");
   bench.add_flag("--no-profile", st->no_profile, "train: skip the profiled step (time split)");
   bench.add_flag("--offload", st->offload, "train: activation offloading (checkpointed layer inputs in pinned CPU memory)");
+  bench.add_flag("--lm-head-offload", st->lm_head_offload,
+                 "train: lm_head offloading (lm_head in pinned CPU memory, copied to the GPU during each forward for "
+                 "the loss; a tied input embedding goes with it)");
   bench.add_flag("--embedding-offload", st->embedding_offload,
                  "train: embedding offloading (the input embedding table in pinned CPU memory; untied models)");
   bench.add_option("--mlp-tile-tokens", st->mlp_tile_tokens,

@@ -233,6 +233,10 @@ const std::vector<KeySpec>& key_table() {
       bool_key("embedding_offloading", &TrainConfig::embedding_offloading,
                "CUDA: keep the (frozen) input embedding table in pinned CPU memory and send only the rows a batch "
                "looks up (1 GB less GPU memory at Llama-3-8B); ignored with a warning when lm_head shares the table"),
+      bool_key("lm_head_offloading", &TrainConfig::lm_head_offloading,
+               "CUDA: keep the (frozen) lm_head in pinned CPU memory; it is copied to the GPU during the forward "
+               "(overlapping the layers) and dropped after the loss, so the backward runs without it (1 GB less at "
+               "Llama-3-8B); a tied input embedding goes with it"),
       int_key("mlp_tile_tokens", &TrainConfig::mlp_tile_tokens, 0, INT64_MAX,
               "run each layer's MLP over tiles of N tokens, so only one tile's gate/up/activation exist at once (for "
               "long sequences: 3 x 7.5 GB per layer at Llama-3-8B, 262,144 tokens); the backward recomputes each "

@@ -30,6 +30,7 @@
 #include "qlora/metrics.h"
 #include "qlora/safetensors.h"
 #include "qlora/trainer.h"
+#include "train/weight_offload.h"
 
 namespace qlora {
 
@@ -197,6 +198,32 @@ void check_offload_fits_host(const TrainConfig& config, const LlamaWeights& mode
                          cat(layers, " layers x ", tokens, " tokens x ", hidden, " x ", elem, " bytes"));
 }
 
+}  // namespace
+
+void offload_frozen_tables(LlamaWeights& m, const TrainConfig& config, const at::Device& device) {
+  if (!device.is_cuda()) return;
+  const bool tied = m.lm_head.is_same(m.embed_tokens);
+  if (config.lm_head_offloading && !m.lm_head.is_cpu()) {
+    m.lm_head = m.lm_head.to(at::kCPU).pin_memory();  // the GPU copy is freed once nothing holds it
+    if (tied) m.embed_tokens = m.lm_head;             // embed() gathers host rows then
+    log_info(cat("lm_head_offloading: the ", fixed(static_cast<double>(m.lm_head.nbytes()) / (1 << 30), 2), " GiB lm_head",
+                 tied ? " (tied: also the input embedding)" : "",
+                 " waits in pinned host memory; on the GPU from each forward to its loss"));
+  }
+  if (config.embedding_offloading && !m.embed_tokens.is_cpu()) {
+    if (m.lm_head.is_same(m.embed_tokens)) {
+      log_warn("embedding_offloading: the input embedding is tied to lm_head, which needs it on the GPU (unless "
+               "lm_head_offloading: true); it stays there");
+    } else {
+      m.embed_tokens = m.embed_tokens.to(at::kCPU).pin_memory();
+      log_info(cat("embedding_offloading: the ", fixed(static_cast<double>(m.embed_tokens.nbytes()) / (1 << 30), 2),
+                   " GiB input embedding table waits in pinned host memory"));
+    }
+  }
+}
+
+namespace {
+
 Trainer build_trainer(const TrainConfig& config, const TrainerOptions& options, std::shared_ptr<Collective> comm,
                       TrainerInputs inputs) {
   Trainer t;
@@ -254,15 +281,9 @@ Trainer build_trainer(const TrainConfig& config, const TrainerOptions& options, 
                " s)"));
 
   check_offload_fits_host(config, t.model, t.device, t.compute_dtype);
-  if (config.embedding_offloading && t.device.is_cuda()) {
-    if (t.model.lm_head.is_same(t.model.embed_tokens)) {
-      log_warn("embedding_offloading: the input embedding is tied to lm_head, which needs it on the GPU; it stays there");
-    } else {
-      t.model.embed_tokens = t.model.embed_tokens.to(at::kCPU).pin_memory();  // the GPU copy is freed here
-      log_info(cat("embedding_offloading: the ", fixed(static_cast<double>(t.model.embed_tokens.nbytes()) / (1 << 30), 2),
-                   " GiB input embedding table waits in pinned host memory"));
-    }
-  }
+  offload_frozen_tables(t.model, config, t.device);
+  if (config.lm_head_offloading && t.device.is_cuda() && t.model.lm_head.is_cpu())
+    t.lm_head_offload = std::make_shared<OffloadedWeight>(t.model.lm_head, t.device);
 
   t.batching.pad_id = 0;
   if (inputs.data) {

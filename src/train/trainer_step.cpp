@@ -22,18 +22,22 @@
 #include "qlora/log.h"
 #include "qlora/trainer.h"
 #include "train/layer_input_offload.h"
+#include "train/weight_offload.h"
 
 namespace qlora {
 
 namespace {
 
+// lm_head on the compute device: the model's own, or (lm_head_offloading) the device copy, waited for.
+at::Tensor lm_head_on_device(Trainer& t) { return t.lm_head_offload ? t.lm_head_offload->get() : t.model.lm_head; }
+
 // The loss of final hidden states h [B, T, H]: sum of token losses / normalizer.
-at::Tensor head_loss(const Trainer& t, const at::Tensor& h, const at::Tensor& targets, double normalizer) {
+at::Tensor head_loss(Trainer& t, const at::Tensor& h, const at::Tensor& targets, double normalizer) {
   const at::Tensor x = rms_norm(h, t.model.norm, t.model.config.rms_norm_eps);
   FlceOptions o;
   o.reduction = FlceOptions::Reduction::mean;
   o.normalizer = normalizer;  // the step's target tokens, not this micro-batch's
-  return fused_linear_cross_entropy(x.reshape({-1, x.size(-1)}), t.model.lm_head, targets.reshape({-1}), o);
+  return fused_linear_cross_entropy(x.reshape({-1, x.size(-1)}), lm_head_on_device(t), targets.reshape({-1}), o);
 }
 
 // scratch.keep_for_backward on for one scope (a recompute's forward; off again however it ends).
@@ -105,6 +109,8 @@ std::string out_of_memory_message(const Trainer& t, const std::string& what) {
     if (c.micro_batch_size > 1) fixes.push_back(cat("micro_batch_size (", c.micro_batch_size, ")"));
     fixes.push_back(cat("sequence_len (", c.sequence_len, ")"));
     if (c.gradient_checkpointing && !c.activation_offloading) fixes.push_back("activation_offloading: true");
+    if (t.device.is_cuda() && !c.lm_head_offloading && t.phase == TrainPhase::backward)
+      fixes.push_back("lm_head_offloading: true");
     if (c.mlp_tile_tokens == 0 && c.sequence_len * c.micro_batch_size >= 32768)
       fixes.push_back("mlp_tile_tokens: 8192 (the MLP over tiles of tokens)");
     if (t.phase == TrainPhase::optimizer || c.lora_r > 16) fixes.push_back(cat("lora_r (", c.lora_r, ")"));
@@ -172,6 +178,8 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
   const int64_t B = batch.input_ids.size(0), T = batch.input_ids.size(1);
   const size_t L = m.layers.size();
   enter_phase(t, TrainPhase::forward);
+  // lm_head_offloading: its copy to the GPU overlaps the forward; dropped after the loss.
+  if (t.lm_head_offload) t.lm_head_offload->prefetch();
   const AttentionInputs attn = attention_inputs(m, pos, B, T);
   const at::Tensor h0 = embed(m, batch.input_ids);  // frozen: no gradient needed below it
 
@@ -185,6 +193,7 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
     }
     enter_phase(t, TrainPhase::loss);
     const at::Tensor loss = head_loss(t, h, targets, normalizer);
+    if (t.lm_head_offload) t.lm_head_offload->release();  // the loss's graph holds it until its backward
     enter_phase(t, TrainPhase::backward);  // the whole graph's backward starts at the loss
     (loss_multiplier == 1.0 ? loss : loss * loss_multiplier).backward();
     if (fsdp)
@@ -228,6 +237,7 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
   const at::Tensor h_last = h.detach().requires_grad_(true);
   const at::Tensor loss = head_loss(t, h_last, targets, normalizer);
   (loss_multiplier == 1.0 ? loss : loss * loss_multiplier).backward();
+  if (t.lm_head_offload) t.lm_head_offload->release();
   at::Tensor dh = h_last.grad();
   enter_phase(t, TrainPhase::backward);
 
@@ -373,6 +383,7 @@ std::optional<double> evaluate(Trainer& t) {
   at::Tensor totals = at::zeros({2}, at::TensorOptions().dtype(at::kDouble).device(t.device));
   FlceOptions o;
   o.reduction = FlceOptions::Reduction::sum;
+  if (t.lm_head_offload) t.lm_head_offload->prefetch();  // on the GPU for the whole evaluation
   // Rounds of one micro-batch per rank. Sharded layers are gathered collectively, so a rank with
   // nothing to evaluate in a round (the plan's tail, or no target tokens) still joins the gathers.
   const size_t world = static_cast<size_t>(t.world());
@@ -400,11 +411,12 @@ std::optional<double> evaluate(Trainer& t) {
     }
     if (!batch) continue;
     h = rms_norm(h, m.norm, m.config.rms_norm_eps);
-    totals[0] += fused_linear_cross_entropy_forward(h.reshape({-1, h.size(-1)}), m.lm_head,
+    totals[0] += fused_linear_cross_entropy_forward(h.reshape({-1, h.size(-1)}), lm_head_on_device(t),
                                                     batch->target_ids.to(t.device).reshape({-1}), o)
                      .to(at::kDouble);
     totals[1] += static_cast<double>(batch->n_target_tokens);
   }
+  if (t.lm_head_offload) t.lm_head_offload->release();
   t.comm->all_reduce(totals);
   const at::Tensor cpu = totals.cpu();
   if (cpu[1].item<double>() == 0) return std::nullopt;
