@@ -355,15 +355,20 @@ TEST_CASE("lora: dropout on the LoRA branch input only, when training", "[lora]"
   CHECK(at::allclose(got[2], at::mm(g.reshape({-1, n}).t(), xd.reshape({-1, n})), 1e-5, 1e-5));  // dB = g^T (xd A^T)
 }
 
+namespace {
+// An NF4 [out, in] weight of random values (blocks of 64, nested absmax).
+qlora::LinearWeight random_nf4_weight(at::Generator& gen, int64_t out, int64_t in) {
+  qlora::LinearWeight w;
+  w.nf4 = qlora::nf4_quantize(at::randn({out, in}, gen), 64, true);
+  w.out_features = out;
+  w.in_features = in;
+  return w;
+}
+}  // namespace
+
 TEST_CASE("lora: the backward re-dequantizes W into the same scratch and keeps no copy of it", "[lora]") {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(8);
-  auto make = [&](int64_t out, int64_t in) {
-    qlora::LinearWeight w;
-    w.nf4 = qlora::nf4_quantize(at::randn({out, in}, gen), 64, true);
-    w.out_features = out;
-    w.in_features = in;
-    return w;
-  };
+  auto make = [&](int64_t out, int64_t in) { return random_nf4_weight(gen, out, in); };
   const qlora::LinearWeight w = make(200, 96), other = make(100, 96), bigger = make(300, 96);
   qlora::LoraLinear l{.A = (at::randn({3, 96}, gen) * 0.1).requires_grad_(true),
                       .B = (at::randn({200, 3}, gen) * 0.1).requires_grad_(true), .scale = 2.0};
@@ -403,13 +408,7 @@ TEST_CASE("lora: the backward re-dequantizes W into the same scratch and keeps n
 
 TEST_CASE("lora: keep_for_backward -- the forward's dequantized W serves the backward, the scratch unused; bit for bit", "[lora]") {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(9);
-  auto make = [&](int64_t out, int64_t in) {
-    qlora::LinearWeight w;
-    w.nf4 = qlora::nf4_quantize(at::randn({out, in}, gen), 64, true);
-    w.out_features = out;
-    w.in_features = in;
-    return w;
-  };
+  auto make = [&](int64_t out, int64_t in) { return random_nf4_weight(gen, out, in); };
   // A group (q with an adapter, k without: an untargeted projection), a lone adapted projection and
   // a lone base one -- every autograd function that dequantizes an NF4 weight.
   const qlora::LinearWeight q = make(40, 96), k = make(24, 96), o = make(72, 96), d = make(33, 96);

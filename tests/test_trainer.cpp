@@ -385,19 +385,14 @@ TEST_CASE("trainer: mlp_tile_tokens trains as the untiled MLP", "[train]") {
   for (size_t i = 0; i < tiled.params.size(); ++i) CHECK(max_abs_diff(tiled.params[i], plain.params[i]) < 1e-5);
 }
 
-TEST_CASE("trainer: the recompute without its unread outputs equals the full recompute bitwise", "[train]") {
-  TempDir d("qlora_train");
-  write_fixture(d.path);
-  const std::vector<std::string> cfg = {"lora_dropout=0.1", "micro_batch_size=2", "gradient_checkpointing=true"};
-  qlora::TrainerOptions skip, full;
-  skip.write_outputs = full.write_outputs = false;
-  full.recompute_unread_outputs = true;
-  qlora::Trainer a = qlora::make_trainer(config(d.path, cfg), skip);
-  qlora::Trainer b = qlora::make_trainer(config(d.path, cfg), full);
+namespace {
+// Two trainers of one fixture given the same nonzero LoRA B (so every path matters) and one
+// micro-batch at one RNG state: the same loss and the same gradients, bit for bit.
+void check_same_forward_backward(qlora::Trainer& a, qlora::Trainer& b) {
   for (qlora::Trainer* t : {&a, &b}) {
     at::NoGradGuard ng;
     auto gen = at::make_generator<at::CPUGeneratorImpl>(3);
-    for (at::Tensor& p : t->params) p.add_(at::randn(p.sizes(), gen) * 0.05);  // B != 0: every path matters
+    for (at::Tensor& p : t->params) p.add_(at::randn(p.sizes(), gen) * 0.05);
   }
   at::manual_seed(99);
   const qlora::Batch batch = qlora::make_train_batch(a, {4, 5});
@@ -409,6 +404,19 @@ TEST_CASE("trainer: the recompute without its unread outputs equals the full rec
     CAPTURE(a.param_names[i]);
     CHECK(at::equal(a.params[i].grad(), b.params[i].grad()));
   }
+}
+}  // namespace
+
+TEST_CASE("trainer: the recompute without its unread outputs equals the full recompute bitwise", "[train]") {
+  TempDir d("qlora_train");
+  write_fixture(d.path);
+  const std::vector<std::string> cfg = {"lora_dropout=0.1", "micro_batch_size=2", "gradient_checkpointing=true"};
+  qlora::TrainerOptions skip, full;
+  skip.write_outputs = full.write_outputs = false;
+  full.recompute_unread_outputs = true;
+  qlora::Trainer a = qlora::make_trainer(config(d.path, cfg), skip);
+  qlora::Trainer b = qlora::make_trainer(config(d.path, cfg), full);
+  check_same_forward_backward(a, b);
 }
 
 TEST_CASE("trainer: a recompute reusing its dequantized weights in the backward equals dequantizing again, bitwise", "[train]") {
@@ -424,22 +432,8 @@ TEST_CASE("trainer: a recompute reusing its dequantized weights in the backward 
   qlora::Trainer b = qlora::make_trainer(config(d.path, again_cfg), o);
   REQUIRE(a.config.gradient_checkpointing_reuse_weights);  // the default
   REQUIRE(a.model.layers[0].q_proj.nf4.has_value());
-  for (qlora::Trainer* t : {&a, &b}) {
-    at::NoGradGuard ng;
-    auto gen = at::make_generator<at::CPUGeneratorImpl>(3);
-    for (at::Tensor& p : t->params) p.add_(at::randn(p.sizes(), gen) * 0.05);  // B != 0: every path matters
-  }
-  at::manual_seed(99);
-  const qlora::Batch batch = qlora::make_train_batch(a, {4, 5});
-  const double la = qlora::forward_backward(a, batch, 50.0).item<double>();
+  check_same_forward_backward(a, b);
   CHECK_FALSE(a.scratch.keep_for_backward);  // only while a recompute runs
-  at::manual_seed(99);
-  const double lb = qlora::forward_backward(b, batch, 50.0).item<double>();
-  CHECK(la == lb);
-  for (size_t i = 0; i < a.params.size(); ++i) {
-    CAPTURE(a.param_names[i]);
-    CHECK(at::equal(a.params[i].grad(), b.params[i].grad()));
-  }
 }
 
 TEST_CASE("trainer: resume from step 10 equals the uninterrupted run bitwise (fp32 CPU)", "[train]") {
