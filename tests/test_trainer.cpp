@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
@@ -210,6 +211,26 @@ TEST_CASE("trainer: activation offloading to pinned memory equals keeping the in
   for (size_t i = 0; i < on.params.size(); ++i) CHECK(max_abs_diff(on.params[i], off.params[i]) == 0.0);
 }
 
+namespace {
+// Three steps of each trainer, then an evaluation: bitwise equal losses, parameters and eval loss
+// (`after_on`, if given, runs after each of `on`'s steps and after its evaluation).
+void check_same_training(qlora::Trainer& on, qlora::Trainer& off, const std::function<void()>& after_on = {}) {
+  std::vector<double> a, b;
+  for (int s = 0; s < 3; ++s) {
+    a.push_back(qlora::train_step(on).loss);
+    if (after_on) after_on();
+  }
+  for (int s = 0; s < 3; ++s) b.push_back(qlora::train_step(off).loss);
+  for (int s = 0; s < 3; ++s) CHECK(a[s] == b[s]);
+  for (size_t i = 0; i < on.params.size(); ++i) CHECK(max_abs_diff(on.params[i], off.params[i]) == 0.0);
+  const std::optional<double> ev_on = qlora::evaluate(on), ev_off = qlora::evaluate(off);
+  if (after_on) after_on();
+  REQUIRE(ev_on.has_value());
+  REQUIRE(ev_off.has_value());
+  CHECK(*ev_on == *ev_off);
+}
+}  // namespace
+
 TEST_CASE("trainer: the input embedding in pinned host memory equals keeping it on the GPU", "[train][cuda]") {
   QLORA_REQUIRE_CUDA();
   TempDir d("qlora_train");
@@ -228,16 +249,7 @@ TEST_CASE("trainer: the input embedding in pinned host memory equals keeping it 
   CHECK(on.model.embed_tokens.is_pinned());
   CHECK(on.model.lm_head.is_cuda());
   CHECK(off.model.embed_tokens.is_cuda());
-  std::vector<double> a, b;
-  for (int s = 0; s < 3; ++s) a.push_back(qlora::train_step(on).loss);
-  for (int s = 0; s < 3; ++s) b.push_back(qlora::train_step(off).loss);
-  // The same rows looked up: bitwise equal losses, parameters and evaluation.
-  for (int s = 0; s < 3; ++s) CHECK(a[s] == b[s]);
-  for (size_t i = 0; i < on.params.size(); ++i) CHECK(max_abs_diff(on.params[i], off.params[i]) == 0.0);
-  const std::optional<double> ev_on = qlora::evaluate(on), ev_off = qlora::evaluate(off);
-  REQUIRE(ev_on.has_value());
-  REQUIRE(ev_off.has_value());
-  CHECK(*ev_on == *ev_off);
+  check_same_training(on, off);  // the same rows looked up
 }
 
 TEST_CASE("trainer: peak memory by phase on CUDA", "[train][cuda]") {
@@ -350,19 +362,8 @@ TEST_CASE("trainer: lm_head in pinned host memory equals keeping it on the GPU (
     CHECK(off.model.lm_head.is_cuda());
     CHECK(on.model.embed_tokens.is_same(on.model.lm_head) == tied);  // a tied table goes with it
     CHECK(on.model.embed_tokens.is_cpu() == tied);
-    std::vector<double> a, b;
-    for (int s = 0; s < 3; ++s) {
-      a.push_back(qlora::train_step(on).loss);
-      CHECK_FALSE(on.lm_head_offload->on_device());  // dropped after each loss
-    }
-    for (int s = 0; s < 3; ++s) b.push_back(qlora::train_step(off).loss);
-    for (int s = 0; s < 3; ++s) CHECK(a[s] == b[s]);
-    for (size_t i = 0; i < on.params.size(); ++i) CHECK(max_abs_diff(on.params[i], off.params[i]) == 0.0);
-    const std::optional<double> ev_on = qlora::evaluate(on), ev_off = qlora::evaluate(off);
-    REQUIRE(ev_on.has_value());
-    REQUIRE(ev_off.has_value());
-    CHECK(*ev_on == *ev_off);
-    CHECK_FALSE(on.lm_head_offload->on_device());
+    // Dropped after each loss and after the evaluation.
+    check_same_training(on, off, [&] { CHECK_FALSE(on.lm_head_offload->on_device()); });
   }
 }
 
