@@ -167,10 +167,13 @@ std::vector<at::Tensor> project_group(const at::Tensor& in, const std::vector<st
 
 at::Tensor mlp(const at::Tensor& y, const DecoderLayerWeights& layer, DequantScratch& scratch, const LoraLayer* lora,
                bool training, bool output_read) {
-  const std::vector<at::Tensor> gate_up = project_group(
-      y, {{&layer.gate_proj, &LoraLayer::gate_proj}, {&layer.up_proj, &LoraLayer::up_proj}}, lora, scratch, training);
-  const at::Tensor &gate = gate_up[0], &up = gate_up[1];
-  const at::Tensor act = use_fused_kernels(gate) ? swiglu_fused(gate, up) : at::silu(gate) * up;
+  at::Tensor act;
+  {  // Without grad, gate and up are freed here, before down_proj runs (with grad, autograd keeps them).
+    const std::vector<at::Tensor> gate_up = project_group(
+        y, {{&layer.gate_proj, &LoraLayer::gate_proj}, {&layer.up_proj, &LoraLayer::up_proj}}, lora, scratch, training);
+    const at::Tensor &gate = gate_up[0], &up = gate_up[1];
+    act = use_fused_kernels(gate) ? swiglu_fused(gate, up) : at::silu(gate) * up;
+  }
   return project(act, layer.down_proj, lora, &LoraLayer::down_proj, scratch, training, output_read);
 }
 
@@ -200,21 +203,26 @@ LayerQKV decoder_layer_qkv(const at::Tensor& h, const DecoderLayerWeights& layer
 
 namespace {
 
-// The two terms of decoder_layer_output's last add; output_read as mlp's.
-DecoderLayerTerms decoder_layer_terms(const at::Tensor& h, const at::Tensor& attn_out, const DecoderLayerWeights& layer,
+// The two terms of decoder_layer_output's last add; output_read as mlp's. attn_out is taken by
+// value and let go of, as are the attention block's other intermediates, before the MLP runs:
+// without grad nothing else holds them, and the MLP's are the layer's largest.
+DecoderLayerTerms decoder_layer_terms(const at::Tensor& h, at::Tensor attn_out, const DecoderLayerWeights& layer,
                                       const LlamaWeights& model, DequantScratch& scratch, const LoraLayer* lora,
                                       bool training, bool output_read) {
   const HFConfig& c = model.config;
   const int64_t B = h.size(0), T = h.size(1);
-  const at::Tensor o = attn_out.transpose(1, 2).reshape({B, T, c.num_attention_heads * c.head_dim});
   DecoderLayerTerms t;
-  const at::Tensor attn_proj = project(o, layer.o_proj, lora, &LoraLayer::o_proj, scratch, training);
   at::Tensor y;
-  if (fused_norm(h, layer.post_attention_layernorm)) {
-    std::tie(t.residual, y) = add_rms_norm_fused(h, attn_proj, layer.post_attention_layernorm, c.rms_norm_eps);
-  } else {
-    t.residual = h + attn_proj;
-    y = rms_norm(t.residual, layer.post_attention_layernorm, c.rms_norm_eps);
+  {
+    const at::Tensor o = attn_out.transpose(1, 2).reshape({B, T, c.num_attention_heads * c.head_dim});
+    attn_out = at::Tensor();
+    const at::Tensor attn_proj = project(o, layer.o_proj, lora, &LoraLayer::o_proj, scratch, training);
+    if (fused_norm(h, layer.post_attention_layernorm)) {
+      std::tie(t.residual, y) = add_rms_norm_fused(h, attn_proj, layer.post_attention_layernorm, c.rms_norm_eps);
+    } else {
+      t.residual = h + attn_proj;
+      y = rms_norm(t.residual, layer.post_attention_layernorm, c.rms_norm_eps);
+    }
   }
   const int64_t tile = mlp_tile_tokens();
   const bool tiled = tile > 0 && y.numel() / y.size(-1) > tile;  // with or without grad: one tile at a time
@@ -248,15 +256,17 @@ at::Tensor decoder_layer_output(const at::Tensor& h, const at::Tensor& attn_out,
 
 at::Tensor decoder_layer(const at::Tensor& h, const DecoderLayerWeights& layer, const LlamaWeights& model,
                          const AttentionInputs& attn, DequantScratch& scratch, const LoraLayer* lora, bool training) {
-  const auto [attn_out, h_res] = layer_attention(h, layer, model, attn, scratch, lora, training);
-  return decoder_layer_output(h_res, attn_out, layer, model, scratch, lora, training);
+  auto [attn_out, h_res] = layer_attention(h, layer, model, attn, scratch, lora, training);
+  const DecoderLayerTerms t =
+      decoder_layer_terms(h_res, std::move(attn_out), layer, model, scratch, lora, training, /*output_read=*/true);
+  return t.residual + t.mlp;
 }
 
 DecoderLayerTerms decoder_layer_for_backward(const at::Tensor& h, const DecoderLayerWeights& layer,
                                              const LlamaWeights& model, const AttentionInputs& attn,
                                              DequantScratch& scratch, const LoraLayer* lora, bool training) {
-  const auto [attn_out, h_res] = layer_attention(h, layer, model, attn, scratch, lora, training);
-  return decoder_layer_terms(h_res, attn_out, layer, model, scratch, lora, training, /*output_read=*/false);
+  auto [attn_out, h_res] = layer_attention(h, layer, model, attn, scratch, lora, training);
+  return decoder_layer_terms(h_res, std::move(attn_out), layer, model, scratch, lora, training, /*output_read=*/false);
 }
 
 namespace {

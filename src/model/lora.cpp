@@ -199,19 +199,6 @@ at::Tensor base_weight_backward(AutogradContext* ctx, at::ScalarType dtype, cons
   return dequantize_into_scratch(load_nf4(ctx, k), *scratch, dtype);
 }
 
-// scale a b in `out_dtype` (mm_as's dtypes). On CUDA the scale is the GEMM's alpha (beta = 0: the
-// empty output is not read): one kernel and one rounding, where mm then mul_ is two of each -- the
-// LoRA backward's dB and dU, a few hundred small GEMMs a step.
-at::Tensor scaled_mm_as(const at::Tensor& a, const at::Tensor& b, double scale, at::ScalarType out_dtype) {
-  const bool half = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
-  if (a.is_cuda() && (out_dtype == a.scalar_type() || (half && out_dtype == at::kFloat))) {
-    at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options().dtype(out_dtype));
-    if (out_dtype == a.scalar_type()) return at::addmm_out(out, out, a, b, /*beta=*/0, /*alpha=*/scale);
-    return at::addmm_out(out, out, a, b, out_dtype, /*beta=*/0, /*alpha=*/scale);
-  }
-  return mm_as(a, b, out_dtype).mul_(scale);
-}
-
 std::optional<at::Tensor> bias_of(const LinearWeight& w) {
   return w.bias.defined() ? std::optional<at::Tensor>(w.bias) : std::nullopt;
 }
@@ -360,8 +347,8 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
       if (want_dx) accumulate(g2, base_weight_backward(ctx, g.scalar_type(), k));
       if (input_of[i] < 0) continue;
       const double scale = ctx->saved_data["scale" + k].toDouble();
-      if (ctx->needs_input_grad(static_cast<size_t>(input_of[i] + 1))) db_of[i] = scaled_mm_as(g2.t(), u_of[i], scale, at::kFloat);
-      if (want_du) du_of[i] = scaled_mm_as(g2, b_of[i], scale, g2.scalar_type());
+      if (ctx->needs_input_grad(static_cast<size_t>(input_of[i] + 1))) db_of[i] = mm_as(g2.t(), u_of[i], at::kFloat).mul_(scale);
+      if (want_du) du_of[i] = at::mm(g2, b_of[i]).mul_(scale);
     }
     // Per segment: dA = dU^T input, dx += dU A (through the dropout mask for a dropout segment).
     for (int64_t j = 0; j < n_seg; ++j) {
