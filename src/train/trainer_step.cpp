@@ -178,10 +178,12 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
   const int64_t B = batch.input_ids.size(0), T = batch.input_ids.size(1);
   const size_t L = m.layers.size();
   enter_phase(t, TrainPhase::forward);
-  // lm_head_offloading: its copy to the GPU overlaps the forward; dropped after the loss.
-  if (t.lm_head_offload) t.lm_head_offload->prefetch();
   const AttentionInputs attn = attention_inputs(m, pos, B, T);
   const at::Tensor h0 = embed(m, batch.input_ids);  // frozen: no gradient needed below it
+  // lm_head_offloading: its copy to the GPU overlaps the forward; dropped after the loss. Issued
+  // after embed's own host-to-device copy (of an offloaded table's rows), which the first layer
+  // waits for and which should not queue behind this one.
+  if (t.lm_head_offload) t.lm_head_offload->prefetch();
 
   if (!t.config.gradient_checkpointing) {
     // The plain autograd graph: every layer's activations stay until the backward.
