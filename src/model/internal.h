@@ -46,7 +46,8 @@ LayerQKV decoder_layer_qkv(const at::Tensor& h, const DecoderLayerWeights& layer
                            const at::Tensor& cos, const at::Tensor& sin, DequantScratch& scratch, const LoraLayer* lora,
                            bool training);
 // h + o_proj(attn_out), then + mlp(norm(.)); attn_out [B, heads, T, head_dim] (SDPA's output).
-at::Tensor decoder_layer_output(const at::Tensor& h, const at::Tensor& attn_out, const DecoderLayerWeights& layer,
+// attn_out by value: moved in, it is released before the MLP runs (without grad nothing else holds it).
+at::Tensor decoder_layer_output(const at::Tensor& h, at::Tensor attn_out, const DecoderLayerWeights& layer,
                                 const LlamaWeights& model, DequantScratch& scratch, const LoraLayer* lora, bool training);
 // One projection of a decoder layer (llama.cpp): the base alone without adapters (linear_forward),
 // else lora_linear_forward with this layer's adapter for it (or none). output_read: as

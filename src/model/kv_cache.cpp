@@ -121,8 +121,8 @@ at::Tensor llama_forward_cached(const LlamaWeights& model, const at::Tensor& inp
     const int64_t first = (T == 1 && window > 0) ? std::max<int64_t>(0, total - window) : 0;
     const at::Tensor keys = cache.k[i].narrow(2, first, total - first);
     const at::Tensor values = cache.v[i].narrow(2, first, total - first);
-    const at::Tensor attn = grouped_attention(qkv.q, keys, values, mask_for(window));
-    h = decoder_layer_output(h, attn, layer, model, scratch, adapters, /*training=*/false);
+    h = decoder_layer_output(h, grouped_attention(qkv.q, keys, values, mask_for(window)), layer, model, scratch, adapters,
+                             /*training=*/false);
   }
   cache.length = total;
 

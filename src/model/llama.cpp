@@ -248,18 +248,16 @@ std::pair<at::Tensor, at::Tensor> layer_attention(const at::Tensor& h, const Dec
 
 }  // namespace
 
-at::Tensor decoder_layer_output(const at::Tensor& h, const at::Tensor& attn_out, const DecoderLayerWeights& layer,
+at::Tensor decoder_layer_output(const at::Tensor& h, at::Tensor attn_out, const DecoderLayerWeights& layer,
                                 const LlamaWeights& model, DequantScratch& scratch, const LoraLayer* lora, bool training) {
-  const DecoderLayerTerms t = decoder_layer_terms(h, attn_out, layer, model, scratch, lora, training, true);
+  const DecoderLayerTerms t = decoder_layer_terms(h, std::move(attn_out), layer, model, scratch, lora, training, true);
   return t.residual + t.mlp;
 }
 
 at::Tensor decoder_layer(const at::Tensor& h, const DecoderLayerWeights& layer, const LlamaWeights& model,
                          const AttentionInputs& attn, DequantScratch& scratch, const LoraLayer* lora, bool training) {
   auto [attn_out, h_res] = layer_attention(h, layer, model, attn, scratch, lora, training);
-  const DecoderLayerTerms t =
-      decoder_layer_terms(h_res, std::move(attn_out), layer, model, scratch, lora, training, /*output_read=*/true);
-  return t.residual + t.mlp;
+  return decoder_layer_output(h_res, std::move(attn_out), layer, model, scratch, lora, training);
 }
 
 DecoderLayerTerms decoder_layer_for_backward(const at::Tensor& h, const DecoderLayerWeights& layer,
