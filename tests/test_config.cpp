@@ -94,6 +94,7 @@ attention_backend: cudnn
 embedding_offloading: true
 lm_head_offloading: true
 gradient_checkpointing_reuse_weights: false
+gradient_checkpointing_split_layers: false
 bf16: false
 fp16: true
 device: cuda:1
@@ -147,6 +148,7 @@ resume_from_checkpoint: out/x/checkpoint-50
   CHECK(c.embedding_offloading);
   CHECK(c.lm_head_offloading);
   CHECK_FALSE(c.gradient_checkpointing_reuse_weights);
+  CHECK_FALSE(c.gradient_checkpointing_split_layers);
   CHECK(c.bf16 == Bf16Mode::off);
   CHECK(c.fp16);
   CHECK(c.device == "cuda:1");

@@ -437,6 +437,56 @@ TEST_CASE("trainer: a recompute reusing its dequantized weights in the backward 
   CHECK_FALSE(a.scratch.keep_for_backward);  // only while a recompute runs
 }
 
+TEST_CASE("trainer: layers recomputed in two halves (gradient_checkpointing_split_layers) equal one recompute, bitwise",
+          "[train]") {
+  TempDir d("qlora_train");
+  write_fixture(d.path);
+  const std::vector<std::string> common = {"adapter=qlora", "load_in_4bit=true", "lora_dropout=0.1", "micro_batch_size=2",
+                                           "gradient_checkpointing=true"};
+  qlora::TrainerOptions o;
+  o.write_outputs = false;
+  for (const std::string layers : {"-1", "1"}) {  // every layer split, or the first (the other keeps its graph)
+    CAPTURE(layers);
+    auto split_cfg = common, whole_cfg = common;
+    split_cfg.push_back("gradient_checkpointing_layers=" + layers);
+    whole_cfg.push_back("gradient_checkpointing_split_layers=false");
+    whole_cfg.push_back("gradient_checkpointing_layers=" + layers);
+    qlora::Trainer a = qlora::make_trainer(config(d.path, split_cfg), o);
+    qlora::Trainer b = qlora::make_trainer(config(d.path, whole_cfg), o);
+    REQUIRE(a.config.gradient_checkpointing_split_layers);  // the default
+    check_same_forward_backward(a, b);
+    // Whole steps: the RNG stream continues identically after the split backward.
+    for (qlora::Trainer* t : {&a, &b})
+      for (at::Tensor& p : t->params) p.mutable_grad() = at::Tensor();
+    at::manual_seed(123);
+    std::vector<double> la, lb;
+    for (int s = 0; s < 2; ++s) la.push_back(qlora::train_step(a).loss);
+    at::manual_seed(123);
+    for (int s = 0; s < 2; ++s) lb.push_back(qlora::train_step(b).loss);
+    CHECK(la == lb);
+    for (size_t i = 0; i < a.params.size(); ++i) CHECK(at::equal(a.params[i], b.params[i]));
+  }
+}
+
+TEST_CASE("trainer: split recompute with every offload on CUDA equals the plain recompute on the GPU", "[train][cuda]") {
+  QLORA_REQUIRE_CUDA();
+  TempDir d("qlora_train");
+  write_fixture(d.path);
+  qlora::TrainerOptions o;
+  o.write_outputs = false;
+  const std::vector<std::string> common = {"device=cuda", "bf16=true", "adapter=qlora", "load_in_4bit=true",
+                                           "lora_dropout=0.1", "micro_batch_size=2", "val_set_size=0.2"};
+  auto on_cfg = common, off_cfg = common;
+  for (const char* kv : {"activation_offloading=true", "embedding_offloading=true", "lm_head_offloading=true"})
+    on_cfg.push_back(kv);
+  off_cfg.push_back("gradient_checkpointing_split_layers=false");
+  qlora::Trainer on = qlora::make_trainer(config(d.path, on_cfg), o);
+  qlora::Trainer off = qlora::make_trainer(config(d.path, off_cfg), o);
+  CHECK(on.model.embed_tokens.is_pinned());  // gathered on the GPU through unified addressing
+  at::manual_seed(123);
+  check_same_training(on, off);  // bf16 with the fused kernels: the split's gradients join as in one layer
+}
+
 TEST_CASE("trainer: resume from step 10 equals the uninterrupted run bitwise (fp32 CPU)", "[train]") {
   TempDir d("qlora_train");
   write_fixture(d.path);

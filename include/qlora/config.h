@@ -78,6 +78,8 @@ struct TrainConfig {
   bool gradient_checkpointing_reuse_weights = true;  // a recompute's dequantized NF4 weights kept for its
                                                      // backward (one dequant less each; the layer's bf16
                                                      // weights held meanwhile)
+  bool gradient_checkpointing_split_layers = true;   // a recomputed layer also keeps h + attention (its
+                                                     // mid residual): the recompute skips o_proj
   bool fused_kernels = true;              // CUDA: fused RMSNorm / SwiGLU / RoPE kernels (false: ATen ops)
   AttentionBackend attention_backend = AttentionBackend::auto_;  // CUDA: the SDPA kernel tried first
   int64_t nonfinite_skip_limit = 0;       // bf16/fp32: steps with a non-finite loss/gradients skipped

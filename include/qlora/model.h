@@ -217,6 +217,34 @@ DecoderLayerTerms decoder_layer_for_backward(const at::Tensor& h, const DecoderL
                                              const LlamaWeights& model, const AttentionInputs& attn,
                                              DequantScratch& scratch, const LoraLayer* lora, bool training);
 
+// A decoder layer in two halves, split at h_mid = h + o_proj(attention(norm(h))), the residual
+// between the attention block and the MLP: decoder_layer(h) == a.h_mid + mlp_block(a.normed) for
+// a = attention_block(h). A recompute that kept h_mid from the forward
+// (gradient_checkpointing_split) runs each half on its own, the MLP's first:
+//   backward(mlp_block_for_backward(h_mid)'s {residual, mlp}, {dh, dh}) -> d_mid = h_mid's gradient;
+//   backward(attention_block_for_backward(h)'s {residual, mlp}, {d_mid, d_mid}) -> h's gradient,
+// exactly decoder_layer's gradients, and neither o_proj's nor down_proj's forward GEMM runs (their
+// outputs are only backpropagated through; `mlp` holds the projection's term, values unspecified).
+struct AttentionBlockOutput {
+  at::Tensor h_mid;   // h + o_proj(attention(norm(h)))
+  at::Tensor normed;  // post_attention_layernorm(h_mid), the MLP's input
+};
+AttentionBlockOutput attention_block(const at::Tensor& h, const DecoderLayerWeights& layer, const LlamaWeights& model,
+                                     const AttentionInputs& attn, DequantScratch& scratch, const LoraLayer* lora,
+                                     bool training);
+// The SwiGLU MLP of the normalized h_mid, over tiles of mlp_tile_tokens rows when set; output_read
+// = false: down_proj's output not computed (as decoder_layer_for_backward's).
+at::Tensor mlp_block(const at::Tensor& normed, const DecoderLayerWeights& layer, DequantScratch& scratch,
+                     const LoraLayer* lora, bool training, bool output_read = true);
+// For the backward: {h as the residual add reads it, o_proj's term}.
+DecoderLayerTerms attention_block_for_backward(const at::Tensor& h, const DecoderLayerWeights& layer,
+                                               const LlamaWeights& model, const AttentionInputs& attn,
+                                               DequantScratch& scratch, const LoraLayer* lora, bool training);
+// For the backward: {h_mid as the residual add reads it, the MLP's term}.
+DecoderLayerTerms mlp_block_for_backward(const at::Tensor& h_mid, const DecoderLayerWeights& layer,
+                                         const LlamaWeights& model, DequantScratch& scratch, const LoraLayer* lora,
+                                         bool training);
+
 // Final-norm hidden states [B, T, hidden] in the compute dtype. lora: adapters for every layer
 // (lora->layers.size() == layers.size()), or nullptr for the base model; training: LoRA dropout.
 at::Tensor llama_hidden_states(const LlamaWeights& model, const ForwardInputs& inputs, DequantScratch& scratch,

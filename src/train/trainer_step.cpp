@@ -109,6 +109,8 @@ std::string out_of_memory_message(const Trainer& t, const std::string& what) {
     if (c.micro_batch_size > 1) fixes.push_back(cat("micro_batch_size (", c.micro_batch_size, ")"));
     fixes.push_back(cat("sequence_len (", c.sequence_len, ")"));
     if (c.gradient_checkpointing && !c.activation_offloading) fixes.push_back("activation_offloading: true");
+    if (c.gradient_checkpointing && c.gradient_checkpointing_split_layers && !c.activation_offloading)
+      fixes.push_back("gradient_checkpointing_split_layers: false");
     if (t.device.is_cuda() && !c.lm_head_offloading && t.phase == TrainPhase::backward)
       fixes.push_back("lm_head_offloading: true");
     if (c.mlp_tile_tokens == 0 && c.sequence_len * c.micro_batch_size >= 32768)
@@ -164,6 +166,85 @@ Batch make_train_batch(const Trainer& t, const std::vector<int64_t>& indices) {
   return make_batch(t.data.train, indices, t.batching);
 }
 
+namespace {
+
+// A checkpointed forward's state for the backward: each recomputed layer's input (slot
+// input_slot(i)) and, split, its mid residual (mid_slot(i)), in `offload` (pinned host memory with
+// activation_offloading); the RNG state before each layer and, split, before its MLP.
+struct RecomputeState {
+  bool split;
+  LayerInputOffload offload;
+  std::vector<at::Tensor> rng, rng_mid;
+  RecomputeState(size_t layers, bool split_layers, bool offload_to_host, const at::Device& device)
+      : split(split_layers), offload(split_layers ? 2 * layers : layers, offload_to_host, device), rng(layers),
+        rng_mid(split_layers ? layers : 0) {}
+  size_t input_slot(size_t i) const { return split ? 2 * i : i; }
+  size_t mid_slot(size_t i) const { return 2 * i + 1; }
+  // Slot s's tensor, and the next ones the backward reads start coming back (slots are read in
+  // descending order): one ahead, two when split (its attention half is short).
+  at::Tensor take(size_t s) {
+    at::Tensor x = offload.take(s);
+    for (size_t ahead = 1; ahead <= (split ? 2u : 1u) && ahead <= s; ++ahead) offload.prefetch(s - ahead);
+    return x;
+  }
+};
+
+// backward(roots, grads) over the roots that need a gradient (a leaf input that does not, at layer
+// 0, is not a root); nothing to do when none does.
+void backward_where_needed(const std::vector<at::Tensor>& roots, const std::vector<at::Tensor>& grads) {
+  std::vector<at::Tensor> r, g;
+  for (size_t i = 0; i < roots.size(); ++i)
+    if (roots[i].requires_grad()) {
+      r.push_back(roots[i]);
+      g.push_back(grads[i]);
+    }
+  if (!r.empty()) torch::autograd::backward(r, g);
+}
+
+// Backward of checkpointed layer k, dh its output's gradient: recompute it from its kept input
+// with grad on and backpropagate. Returns that input, whose grad() is the next dh (k > 0). The
+// recompute's own output is never read, only its backward: its last projection and add are skipped
+// (decoder_layer_for_backward), unless asked to run them (a measurement switch); split, o_proj's
+// forward too (the MLP half first, from the kept h_mid, then the attention half with h_mid's
+// gradient). The NF4 weights a recompute dequantizes stay for its backward
+// (gradient_checkpointing_reuse_weights); the RNG is reset to the forward's state before each part
+// (the same dropout masks, as preserve_rng_state).
+at::Tensor recompute_backward(Trainer& t, RecomputeState& kept, size_t k, const AttentionInputs& attn, at::Tensor dh) {
+  const LlamaWeights& m = t.model;
+  const bool reuse = t.config.gradient_checkpointing_reuse_weights;
+  if (kept.split) {
+    const at::Tensor h_mid = kept.take(kept.mid_slot(k)).detach().requires_grad_(true);
+    set_rng_state(m.device, kept.rng_mid[k]);
+    DecoderLayerTerms mlp_half;
+    {
+      KeepDequantized keep(t.scratch, reuse);
+      mlp_half = mlp_block_for_backward(h_mid, m.layers[k], m, t.scratch, &t.lora.layers[k], true);
+    }
+    backward_where_needed({mlp_half.residual, mlp_half.mlp}, {dh, dh});
+    mlp_half = {};
+    dh = h_mid.grad();  // the attention half's upstream gradient
+  }
+  const at::Tensor hin = kept.take(kept.input_slot(k)).detach().requires_grad_(k > 0);
+  set_rng_state(m.device, kept.rng[k]);
+  std::vector<at::Tensor> roots;
+  {
+    KeepDequantized keep(t.scratch, reuse);
+    if (kept.split) {
+      const DecoderLayerTerms a = attention_block_for_backward(hin, m.layers[k], m, attn, t.scratch, &t.lora.layers[k], true);
+      roots = {a.residual, a.mlp};
+    } else if (t.options.recompute_unread_outputs) {
+      roots = {decoder_layer(hin, m.layers[k], m, attn, t.scratch, &t.lora.layers[k], true)};
+    } else {
+      const DecoderLayerTerms terms = decoder_layer_for_backward(hin, m.layers[k], m, attn, t.scratch, &t.lora.layers[k], true);
+      roots = {terms.residual, terms.mlp};
+    }
+  }
+  backward_where_needed(roots, std::vector<at::Tensor>(roots.size(), dh));
+  return hin;
+}
+
+}  // namespace
+
 at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, double loss_multiplier) {
   const LlamaWeights& m = t.model;
   Fsdp* fsdp = t.fsdp ? &*t.fsdp : nullptr;
@@ -212,18 +293,28 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
   // Layers [0, recomputed) are checkpointed so; the others (gradient_checkpointing_layers)
   // keep their autograd graphs from this forward, trading memory for their recompute. A kept
   // layer's input is a leaf (its gradient is the next dh) and it stays gathered when sharded.
+  // gradient_checkpointing_split_layers: each recomputed layer also keeps its mid residual h_mid
+  // and the RNG state before its MLP, so the recompute runs in two halves (see attention_block).
   const int64_t n_ckpt = t.config.gradient_checkpointing_layers;
   const size_t recomputed = n_ckpt < 0 ? L : std::min(L, static_cast<size_t>(n_ckpt));
-  LayerInputOffload kept_inputs(L, t.config.activation_offloading, m.device);
-  std::vector<at::Tensor> inputs(L), rng(L), outputs(L);  // inputs / outputs: the layers with graphs
+  const bool split = t.config.gradient_checkpointing_split_layers;
+  RecomputeState kept(L, split, t.config.activation_offloading, m.device);
+  std::vector<at::Tensor> inputs(L), outputs(L);  // the layers with graphs
   at::Tensor h = h0;
   for (size_t i = 0; i < L; ++i) {
     unshard(i, i + 1);  // all-gather layer i's NF4 bytes + LoRA shards; prefetch layer i + 1
     if (i < recomputed) {
       at::NoGradGuard no_grad;
-      kept_inputs.keep(i, h);
-      rng[i] = rng_state(m.device);
-      h = decoder_layer(h, m.layers[i], m, attn, t.scratch, &t.lora.layers[i], true);
+      kept.offload.keep(kept.input_slot(i), h);
+      kept.rng[i] = rng_state(m.device);
+      if (split) {
+        const AttentionBlockOutput a = attention_block(h, m.layers[i], m, attn, t.scratch, &t.lora.layers[i], true);
+        kept.offload.keep(kept.mid_slot(i), a.h_mid);
+        kept.rng_mid[i] = rng_state(m.device);
+        h = a.h_mid + mlp_block(a.normed, m.layers[i], t.scratch, &t.lora.layers[i], true);
+      } else {
+        h = decoder_layer(h, m.layers[i], m, attn, t.scratch, &t.lora.layers[i], true);
+      }
       if (fsdp && fsdp->options.reshard_after_forward && i + 1 < L) reshard_layer(*fsdp, i);
       // (the last layer stays gathered: the backward starts with it)
     } else {
@@ -249,25 +340,7 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
     unshard(k, k - 1);  // prefetch in backward order (k - 1 wraps past 0 for k = 0: no layer, no-op)
     at::Tensor hin;
     if (k < recomputed) {
-      hin = kept_inputs.take(k).detach().requires_grad_(k > 0);
-      if (k > 0) kept_inputs.prefetch(k - 1);  // comes back while this layer computes
-      set_rng_state(m.device, rng[k]);  // the same dropout masks as the forward (preserve_rng_state)
-      // The recompute's own output is never read, only its backward: its last projection and add
-      // are skipped (decoder_layer_for_backward), unless asked to run them (a measurement switch).
-      // Its NF4 weights stay dequantized for the backward (gradient_checkpointing_reuse_weights).
-      std::vector<at::Tensor> roots, grads;
-      {
-        KeepDequantized keep(t.scratch, t.config.gradient_checkpointing_reuse_weights);  // the recompute only
-        if (t.options.recompute_unread_outputs) {
-          roots = {decoder_layer(hin, m.layers[k], m, attn, t.scratch, &t.lora.layers[k], true)};
-          grads = {dh};
-        } else {
-          const DecoderLayerTerms terms = decoder_layer_for_backward(hin, m.layers[k], m, attn, t.scratch, &t.lora.layers[k], true);
-          roots = {terms.residual, terms.mlp};
-          grads = {dh, dh};
-        }
-      }
-      torch::autograd::backward(roots, grads);
+      hin = recompute_backward(t, kept, k, attn, std::move(dh));
     } else {
       hin = inputs[k];
       torch::autograd::backward({std::move(outputs[k])}, {dh});
