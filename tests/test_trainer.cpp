@@ -408,7 +408,7 @@ void check_same_forward_backward(qlora::Trainer& a, qlora::Trainer& b) {
 }
 }  // namespace
 
-TEST_CASE("trainer: the recompute without its unread outputs equals the full recompute bitwise", "[train]") {
+TEST_CASE("trainer: the recompute without its unread outputs (split, the default) equals the full recompute bitwise", "[train]") {
   TempDir d("qlora_train");
   write_fixture(d.path);
   const std::vector<std::string> cfg = {"lora_dropout=0.1", "micro_batch_size=2", "gradient_checkpointing=true"};

@@ -220,7 +220,7 @@ DecoderLayerTerms decoder_layer_for_backward(const at::Tensor& h, const DecoderL
 // A decoder layer in two halves, split at h_mid = h + o_proj(attention(norm(h))), the residual
 // between the attention block and the MLP: decoder_layer(h) == a.h_mid + mlp_block(a.normed) for
 // a = attention_block(h). A recompute that kept h_mid from the forward
-// (gradient_checkpointing_split) runs each half on its own, the MLP's first:
+// (gradient_checkpointing_split_layers) runs each half on its own, the MLP's first:
 //   backward(mlp_block_for_backward(h_mid)'s {residual, mlp}, {dh, dh}) -> d_mid = h_mid's gradient;
 //   backward(attention_block_for_backward(h)'s {residual, mlp}, {d_mid, d_mid}) -> h's gradient,
 // exactly decoder_layer's gradients, and neither o_proj's nor down_proj's forward GEMM runs (their

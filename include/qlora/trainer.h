@@ -42,7 +42,8 @@ struct TrainerOptions {
                                        // "optimizer": a c10::OutOfMemoryError when that phase starts
   bool recompute_unread_outputs = false;  // measurement switch: a checkpointed layer's recompute
                                           // also runs down_proj and the last residual add, whose
-                                          // result the backward never reads (the way before 2026-12-07)
+                                          // result the backward never reads (the way before 2026-12-07;
+                                          // whole, not split: gradient_checkpointing_split_layers ignored)
   bool track_phase_peaks = false;  // CUDA: Trainer::phase_peak_bytes (each phase change resets the
                                    // allocator's peak counters: the overall peak is their maximum)
 };

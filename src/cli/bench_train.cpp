@@ -540,7 +540,8 @@ BenchTrainFn add_bench_train_options(CLI::App& bench, std::shared_ptr<const Benc
   bench.add_flag("--no-fused-kernels", st->no_fused_kernels, "train: the ATen ops instead of the fused RMSNorm/SwiGLU kernels");
   bench.add_flag("--recompute-unread", st->recompute_unread,
                  "train: a checkpointed layer's recompute also runs down_proj and the last residual add, whose "
-                 "result the backward never reads (the recompute before 2026-12-07; for measuring the saving)");
+                 "result the backward never reads, and whole, not split (the recompute before 2026-12-07; for measuring "
+                 "the saving)");
   bench.add_flag("--no-reuse-weights", st->no_reuse_weights,
                  "train: a recomputed layer's backward dequantizes its NF4 weights again instead of reusing the "
                  "recompute's (gradient_checkpointing_reuse_weights: false; for measuring the saving)");

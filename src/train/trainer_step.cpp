@@ -297,7 +297,7 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
   // and the RNG state before its MLP, so the recompute runs in two halves (see attention_block).
   const int64_t n_ckpt = t.config.gradient_checkpointing_layers;
   const size_t recomputed = n_ckpt < 0 ? L : std::min(L, static_cast<size_t>(n_ckpt));
-  const bool split = t.config.gradient_checkpointing_split_layers;
+  const bool split = t.config.gradient_checkpointing_split_layers && !t.options.recompute_unread_outputs;
   RecomputeState kept(L, split, t.config.activation_offloading, m.device);
   std::vector<at::Tensor> inputs(L), outputs(L);  // the layers with graphs
   at::Tensor h = h0;
