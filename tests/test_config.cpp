@@ -43,6 +43,7 @@ TEST_CASE("minimal config gets the documented defaults", "[config]") {
   CHECK(c.learning_rate == 2e-4);
   CHECK(c.lr_scheduler == LrScheduler::cosine);
   CHECK(c.bf16 == Bf16Mode::auto_);
+  CHECK(c.gradient_checkpointing_split_layers == AutoBool::auto_);
   CHECK(c.device == "auto");
   CHECK(c.seed == 42);
 }
@@ -148,7 +149,7 @@ resume_from_checkpoint: out/x/checkpoint-50
   CHECK(c.embedding_offloading);
   CHECK(c.lm_head_offloading);
   CHECK_FALSE(c.gradient_checkpointing_reuse_weights);
-  CHECK_FALSE(c.gradient_checkpointing_split_layers);
+  CHECK(c.gradient_checkpointing_split_layers == AutoBool::off);
   CHECK(c.bf16 == Bf16Mode::off);
   CHECK(c.fp16);
   CHECK(c.device == "cuda:1");
@@ -216,6 +217,8 @@ TEST_CASE("wrong types and ranges name the key path and line:column", "[config]"
       {"adapter: qlora8", "adapter: expected one of qlora, lora"},
       {"optimizer: adamw_bnb_8bit", "optimizer: expected one of adamw_torch, adamw"},
       {"bf16: sometimes", "bf16: expected auto, true or false"},
+      {"gradient_checkpointing_split_layers: yes please",
+       "gradient_checkpointing_split_layers: expected auto, true or false, found 'yes please'"},
       {"attention_backend: fa3", "attention_backend: expected one of auto, flash, cudnn, efficient, math, found 'fa3'"},
       {"device: gpu", "device: expected auto, cpu, cuda or cuda:N, found 'gpu'"},
       {"device: cuda:x", "device: expected auto, cpu, cuda or cuda:N"},

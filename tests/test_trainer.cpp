@@ -20,6 +20,7 @@
 
 #include <catch2/catch_approx.hpp>
 #include <catch2/catch_test_macros.hpp>
+#include <catch2/generators/catch_generators.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 
 #include <algorithm>
@@ -408,10 +409,13 @@ void check_same_forward_backward(qlora::Trainer& a, qlora::Trainer& b) {
 }
 }  // namespace
 
-TEST_CASE("trainer: the recompute without its unread outputs (split, the default) equals the full recompute bitwise", "[train]") {
+TEST_CASE("trainer: the recompute without its unread outputs equals the full recompute bitwise", "[train]") {
   TempDir d("qlora_train");
   write_fixture(d.path);
-  const std::vector<std::string> cfg = {"lora_dropout=0.1", "micro_batch_size=2", "gradient_checkpointing=true"};
+  const std::string split = GENERATE("true", "false");  // the full recompute is never split
+  CAPTURE(split);
+  const std::vector<std::string> cfg = {"lora_dropout=0.1", "micro_batch_size=2", "gradient_checkpointing=true",
+                                        "gradient_checkpointing_split_layers=" + split};
   qlora::TrainerOptions skip, full;
   skip.write_outputs = full.write_outputs = false;
   full.recompute_unread_outputs = true;
@@ -448,12 +452,13 @@ TEST_CASE("trainer: layers recomputed in two halves (gradient_checkpointing_spli
   for (const std::string layers : {"-1", "1"}) {  // every layer split, or the first (the other keeps its graph)
     CAPTURE(layers);
     auto split_cfg = common, whole_cfg = common;
+    split_cfg.push_back("gradient_checkpointing_split_layers=true");
     split_cfg.push_back("gradient_checkpointing_layers=" + layers);
-    whole_cfg.push_back("gradient_checkpointing_split_layers=false");
     whole_cfg.push_back("gradient_checkpointing_layers=" + layers);
     qlora::Trainer a = qlora::make_trainer(config(d.path, split_cfg), o);
     qlora::Trainer b = qlora::make_trainer(config(d.path, whole_cfg), o);
-    REQUIRE(a.config.gradient_checkpointing_split_layers);  // the default
+    REQUIRE(a.split_layers);
+    REQUIRE_FALSE(b.split_layers);  // auto, without activation offloading on CUDA
     check_same_forward_backward(a, b);
     // Whole steps: the RNG stream continues identically after the split backward.
     for (qlora::Trainer* t : {&a, &b})
@@ -468,6 +473,41 @@ TEST_CASE("trainer: layers recomputed in two halves (gradient_checkpointing_spli
   }
 }
 
+TEST_CASE("plan_recompute_storage: the split where the host holds the mid residuals, else one line", "[train]") {
+  using qlora::AutoBool;
+  qlora::TrainConfig c;  // Llama-3-8B at 262,144 tokens: the offloaded inputs 64 GiB, with the mid residuals 128 GiB
+  c.gradient_checkpointing = true;
+  c.activation_offloading = true;
+  c.micro_batch_size = 1;
+  c.sequence_len = 262144;
+  qlora::HostMemory small, large;
+  small.available = int64_t{100} << 30;
+  large.available = int64_t{200} << 30;
+  small.source = large.source = "MemAvailable";
+  auto plan = [&](AutoBool split, bool cuda, const qlora::HostMemory& host) {
+    c.gradient_checkpointing_split_layers = split;
+    return qlora::plan_recompute_storage(c, 32, 4096, at::kBFloat16, cuda, host, 1);
+  };
+  CHECK(plan(AutoBool::auto_, true, large));
+  CHECK_FALSE(plan(AutoBool::auto_, true, small));  // the inputs alone fit: off, the run goes on
+  CHECK_FALSE(plan(AutoBool::off, true, large));
+  CHECK(plan(AutoBool::on, true, large));
+  CHECK_THROWS_WITH(plan(AutoBool::on, true, small),
+                    ContainsSubstring("activation_offloading: needs 128.0 GiB of pinned host memory (32 layer inputs + 32 "
+                                      "mid residuals x 262144 tokens x 4096 x 2 bytes)"));
+  c.sequence_len = 524288;  // not even the inputs fit
+  CHECK_THROWS_WITH(plan(AutoBool::auto_, true, small), ContainsSubstring("needs 128.0 GiB of pinned host memory (32 layer inputs x 524288"));
+  c.sequence_len = 2048;
+  // Without offloading on CUDA the mid residuals would stay on the device: only when asked.
+  CHECK_FALSE(plan(AutoBool::auto_, false, large));
+  CHECK(plan(AutoBool::on, false, small));
+  c.activation_offloading = false;
+  CHECK_FALSE(plan(AutoBool::auto_, true, large));
+  CHECK(plan(AutoBool::on, true, large));
+  c.gradient_checkpointing = false;  // nothing recomputed
+  CHECK_FALSE(plan(AutoBool::on, true, large));
+}
+
 TEST_CASE("trainer: split recompute with every offload on CUDA equals the plain recompute on the GPU", "[train][cuda]") {
   QLORA_REQUIRE_CUDA();
   TempDir d("qlora_train");
@@ -479,10 +519,11 @@ TEST_CASE("trainer: split recompute with every offload on CUDA equals the plain 
   auto on_cfg = common, off_cfg = common;
   for (const char* kv : {"activation_offloading=true", "embedding_offloading=true", "lm_head_offloading=true"})
     on_cfg.push_back(kv);
-  off_cfg.push_back("gradient_checkpointing_split_layers=false");
   qlora::Trainer on = qlora::make_trainer(config(d.path, on_cfg), o);
   qlora::Trainer off = qlora::make_trainer(config(d.path, off_cfg), o);
   CHECK(on.model.embed_tokens.is_pinned());  // gathered on the GPU through unified addressing
+  REQUIRE(on.split_layers);                  // auto: on with activation offloading
+  REQUIRE_FALSE(off.split_layers);
   at::manual_seed(123);
   check_same_training(on, off);  // bf16 with the fused kernels: the split's gradients join as in one layer
 }

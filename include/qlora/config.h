@@ -13,7 +13,8 @@ enum class AdapterType { qlora, lora };                 // qlora: NF4 base + LoR
 enum class LrScheduler { cosine, linear, constant, constant_with_warmup };
 enum class OptimizerType { adamw_torch };               // "adamw" is accepted as an alias
 enum class DatasetType { completion, alpaca, chat_template, pretokenized };
-enum class Bf16Mode { auto_, on, off };                 // axolotl's `bf16: auto|true|false`
+enum class AutoBool { auto_, on, off };                 // a key that reads `auto | true | false`
+using Bf16Mode = AutoBool;                              // axolotl's `bf16: auto|true|false`
 enum class AttentionBackend { auto_, flash, cudnn, efficient, math };  // which SDPA kernel is tried first
 
 struct DatasetConfig {
@@ -78,8 +79,10 @@ struct TrainConfig {
   bool gradient_checkpointing_reuse_weights = true;  // a recompute's dequantized NF4 weights kept for its
                                                      // backward (one dequant less each; the layer's bf16
                                                      // weights held meanwhile)
-  bool gradient_checkpointing_split_layers = true;   // a recomputed layer also keeps h + attention (its
-                                                     // mid residual): the recompute skips o_proj
+  AutoBool gradient_checkpointing_split_layers = AutoBool::auto_;  // a recomputed layer also keeps h +
+                                                     // attention (its mid residual): its recompute skips
+                                                     // o_proj; auto: with activation_offloading on CUDA
+                                                     // (Trainer::split_layers)
   bool fused_kernels = true;              // CUDA: fused RMSNorm / SwiGLU / RoPE kernels (false: ATen ops)
   AttentionBackend attention_backend = AttentionBackend::auto_;  // CUDA: the SDPA kernel tried first
   int64_t nonfinite_skip_limit = 0;       // bf16/fp32: steps with a non-finite loss/gradients skipped

@@ -30,6 +30,9 @@ HostMemory host_memory_available();
 // offloaded layer, each rounded up to a power of two as PyTorch's caching host allocator does.
 int64_t offload_pinned_bytes(int64_t layers, int64_t tokens, int64_t hidden, int64_t element_size);
 
+// Whether `needed` bytes (times the ranks sharing this host) fit in 90 % of what `host` says is
+// available (true when nothing could be read).
+bool host_memory_fits(int64_t needed, int local_ranks, const HostMemory& host);
 // Throws UserError when `needed` bytes (times the ranks sharing this host) do not fit in 90 % of
 // what `host` says is available; `what` names the setting, e.g. "activation_offloading".
 void check_host_memory_fits(int64_t needed, int local_ranks, const HostMemory& host, const std::string& what,

@@ -20,6 +20,7 @@
 #include "qlora/dataset.h"
 #include "qlora/dist.h"
 #include "qlora/fsdp.h"
+#include "qlora/host_memory.h"
 #include "qlora/lora.h"
 #include "qlora/model.h"
 #include "qlora/optim.h"
@@ -83,6 +84,7 @@ struct Trainer {
   std::shared_ptr<OffloadedWeight> lm_head_offload;
   LoraModel lora;
   DequantScratch scratch;  // one per device; outlives every backward
+  bool split_layers = false;  // gradient_checkpointing_split_layers, auto resolved (make_trainer)
 
   PreparedData data;
   BatchingOptions batching;
@@ -123,6 +125,15 @@ std::string out_of_memory_message(const Trainer& trainer, const std::string& wha
 // stay as they are, so a caller that keeps its own copy of the weights (qlora bench train) offloads
 // that copy first and the GPU memory is really freed. make_trainer calls it.
 void offload_frozen_tables(LlamaWeights& model, const TrainConfig& config, const at::Device& device);
+
+// Whether the recomputed layers keep their mid residuals (gradient_checkpointing_split_layers; auto:
+// on where they wait in pinned host memory -- activation_offloading on CUDA -- if `host` holds them
+// besides the layer inputs; make_trainer sets Trainer::split_layers from it). With activation
+// offloading on CUDA it also refuses, as a UserError, a run whose offloaded tensors ([micro_batch_size
+// x sequence_len, hidden] per recomputed layer, two when split) cannot fit in the host's memory,
+// before it starts instead of being OOM-killed in its first step.
+bool plan_recompute_storage(const TrainConfig& config, int64_t num_layers, int64_t hidden, at::ScalarType dtype,
+                            bool cuda, const HostMemory& host, int local_ranks);
 
 // Device ("auto" -> cuda:0 when CUDA is present, else cpu) and compute dtype (fp16 when
 // config.fp16; bf16 when config.bf16 is on, or auto on a GPU that has it; fp32 on the CPU unless

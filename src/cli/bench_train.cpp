@@ -86,7 +86,8 @@ struct TrainBenchOptions {
   bool no_fused_kernels = false;   // fused_kernels: false (the ATen ops instead of the fused kernels)
   bool recompute_unread = false;   // TrainerOptions::recompute_unread_outputs (the recompute as before 2026-12-07)
   bool no_reuse_weights = false;   // gradient_checkpointing_reuse_weights off: the backward dequantizes again
-  bool no_split_layers = false;    // gradient_checkpointing_split_layers off: one recompute without the mid residual
+  bool split_layers = false;       // gradient_checkpointing_split_layers: true (default auto: with --offload)
+  bool no_split_layers = false;    // gradient_checkpointing_split_layers: false
   double prompt_fraction = 0;      // the first fraction of each row has no loss (labels -100)
   int top_kernels = 8;             // the profiled step's most expensive "other" kernels, by name
   AttentionBackend attention = AttentionBackend::auto_;  // attention_backend: the SDPA kernel tried first
@@ -306,7 +307,9 @@ int run_bench_train(const TrainBenchOptions& o, const std::string& dtype_name, c
   config.mlp_tile_tokens = o.mlp_tile_tokens;
   config.gradient_checkpointing_layers = o.checkpoint_layers;
   config.gradient_checkpointing_reuse_weights = !o.no_reuse_weights;
-  config.gradient_checkpointing_split_layers = !o.no_split_layers;
+  config.gradient_checkpointing_split_layers = o.split_layers      ? AutoBool::on
+                                               : o.no_split_layers ? AutoBool::off
+                                                                   : AutoBool::auto_;
   config.fused_kernels = !o.no_fused_kernels;
   config.attention_backend = o.attention;
   config.gpu_memory_limit = o.gpu_memory_limit;
@@ -545,9 +548,14 @@ BenchTrainFn add_bench_train_options(CLI::App& bench, std::shared_ptr<const Benc
   bench.add_flag("--no-reuse-weights", st->no_reuse_weights,
                  "train: a recomputed layer's backward dequantizes its NF4 weights again instead of reusing the "
                  "recompute's (gradient_checkpointing_reuse_weights: false; for measuring the saving)");
+  bench.add_flag("--split-layers", st->split_layers,
+                 "train: a recomputed layer keeps its mid residual too and recomputes in two halves, without o_proj's "
+                 "forward, also where it stays on the GPU (gradient_checkpointing_split_layers: true; default auto: with "
+                 "--offload)");
   bench.add_flag("--no-split-layers", st->no_split_layers,
-                 "train: a recomputed layer keeps only its input and recomputes whole, o_proj's forward included "
-                 "(gradient_checkpointing_split_layers: false; for measuring the split)");
+                 "train: a recomputed layer keeps only its input and recomputes whole (gradient_checkpointing_split_layers: "
+                 "false; for measuring the split)")
+      ->excludes("--split-layers");
   bench.add_option("--prompt-fraction", st->prompt_fraction,
                    "train: the first fraction of each row is a prompt with no loss (labels -100), as in supervised "
                    "fine-tuning; in [0, 1)")

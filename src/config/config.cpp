@@ -107,6 +107,20 @@ KeySpec enum_key(const char* name, E TrainConfig::*member, const EnumNames<E>& n
           [=, &names](YAML::Emitter& e, const TrainConfig& c) { e << enum_name(c.*member, names); }};
 }
 
+// A key read as `auto | true | false` (bf16's spelling).
+KeySpec auto_bool_key(const char* name, AutoBool TrainConfig::*member, const char* doc) {
+  return {name, "auto | true | false", doc,
+          [=](TrainConfig& c, const ParseContext& ctx, const std::string& p, const YAML::Node& n) {
+            bool b = false;
+            if (n.IsScalar() && n.Scalar() == "auto") c.*member = AutoBool::auto_;
+            else if (n.IsScalar() && YAML::convert<bool>::decode(n, b)) c.*member = b ? AutoBool::on : AutoBool::off;
+            else ctx.fail(p, n, "expected auto, true or false, found " + describe_found(n));
+          },
+          [=](YAML::Emitter& e, const TrainConfig& c) {
+            if (c.*member == AutoBool::auto_) e << "auto"; else e << (c.*member == AutoBool::on);
+          }};
+}
+
 void read_target_modules(TrainConfig& c, const ParseContext& ctx, const std::string& path, const YAML::Node& n) {
   const auto& valid = all_lora_target_modules();
   if (n.IsScalar() && n.Scalar() == "all-linear") {  // PEFT's spelling for "every projection"
@@ -248,11 +262,12 @@ const std::vector<KeySpec>& key_table() {
                "with gradient_checkpointing: a recomputed layer keeps the NF4 weights it dequantizes for its own "
                "backward instead of dequantizing them again (faster; the layer's 16-bit weights, 0.3 GB at "
                "Llama-3-8B, are held meanwhile)"),
-      bool_key("gradient_checkpointing_split_layers", &TrainConfig::gradient_checkpointing_split_layers,
-               "with gradient_checkpointing: a recomputed layer also keeps the residual between its attention and "
-               "its MLP (one more [tokens x hidden] tensor a layer, in host memory with activation_offloading), "
-               "so that its recompute runs in two halves and skips o_proj's forward (2 % faster at Llama-3-8B for 0.8 GB "
-               "at batch 2 x 2048 without activation_offloading)"),
+      auto_bool_key("gradient_checkpointing_split_layers", &TrainConfig::gradient_checkpointing_split_layers,
+                    "with gradient_checkpointing: a recomputed layer also keeps the residual between its attention "
+                    "and its MLP (one more [tokens x hidden] tensor a layer), so that its recompute runs in two halves "
+                    "and skips o_proj's forward (2 % faster at Llama-3-8B); auto: with activation_offloading on CUDA, "
+                    "where it waits in host memory, if host memory holds it (true: on the GPU otherwise, 0.8 GB at "
+                    "Llama-3-8B, batch 2 x 2048)"),
       bool_key("fused_kernels", &TrainConfig::fused_kernels,
                "CUDA: fused RMSNorm, SwiGLU and RoPE kernels in the layer loop (false: the same math as separate ATen ops)"),
       enum_key("attention_backend", &TrainConfig::attention_backend, kAttentionBackendNames,
@@ -267,16 +282,7 @@ const std::vector<KeySpec>& key_table() {
                "multi-GPU: free each layer's gathered weights after its forward and gather again in backward (FSDP2's default)"),
       bool_key("fsdp_reduce_in_compute_dtype", &TrainConfig::fsdp_reduce_in_compute_dtype,
                "multi-GPU: reduce-scatter LoRA gradients in the compute dtype (fp16: scaled by 1/sqrt(world) around the sum) instead of fp32"),
-      {"bf16", "auto | true | false", "bf16 compute; auto: where the GPU supports it",
-       [](TrainConfig& c, const ParseContext& ctx, const std::string& p, const YAML::Node& n) {
-         bool b = false;
-         if (n.IsScalar() && n.Scalar() == "auto") c.bf16 = Bf16Mode::auto_;
-         else if (n.IsScalar() && YAML::convert<bool>::decode(n, b)) c.bf16 = b ? Bf16Mode::on : Bf16Mode::off;
-         else ctx.fail(p, n, "expected auto, true or false, found " + describe_found(n));
-       },
-       [](YAML::Emitter& e, const TrainConfig& c) {
-         if (c.bf16 == Bf16Mode::auto_) e << "auto"; else e << (c.bf16 == Bf16Mode::on);
-       }},
+      auto_bool_key("bf16", &TrainConfig::bf16, "bf16 compute; auto: where the GPU supports it"),
       bool_key("fp16", &TrainConfig::fp16, "fp16 compute with dynamic loss scaling (GPUs without bf16, e.g. T4)"),
       {"device", "auto | cpu | cuda | cuda:N", "where to train; auto: the first GPU, else the CPU",
        [](TrainConfig& c, const ParseContext& ctx, const std::string& p, const YAML::Node& n) {

@@ -97,11 +97,16 @@ int64_t offload_pinned_bytes(int64_t layers, int64_t tokens, int64_t hidden, int
   return layers * rounded;
 }
 
+bool host_memory_fits(int64_t needed, int local_ranks, const HostMemory& host) {
+  if (host.available < 0 || needed <= 0) return true;
+  const int64_t total = needed * std::max(1, local_ranks);
+  return static_cast<double>(total) <= 0.9 * static_cast<double>(host.available);
+}
+
 void check_host_memory_fits(int64_t needed, int local_ranks, const HostMemory& host, const std::string& what,
                             const std::string& detail) {
-  if (host.available < 0 || needed <= 0) return;
+  if (host_memory_fits(needed, local_ranks, host)) return;
   const int64_t total = needed * std::max(1, local_ranks);
-  if (static_cast<double>(total) <= 0.9 * static_cast<double>(host.available)) return;
   throw UserError(cat(what, ": needs ", fixed(gib(total), 1), " GiB of pinned host memory (", detail,
                       local_ranks > 1 ? cat(", x ", local_ranks, " ranks on this host") : std::string(),
                       "), more than 90 % of the ", fixed(gib(host.available), 1), " GiB the host has available (",

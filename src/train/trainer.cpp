@@ -179,26 +179,27 @@ Tokenizer load_train_tokenizer(const TrainConfig& config, int64_t model_vocab_si
   return tok;
 }
 
-namespace {
-
-// activation_offloading keeps each recomputed layer's input [micro_batch_size x sequence_len,
-// hidden] in pinned host memory until the backward reaches it: refuse a run whose inputs cannot
-// fit in the host's memory before it starts instead of being OOM-killed in its first step.
-void check_offload_fits_host(const TrainConfig& config, const LlamaWeights& model, const at::Device& device,
-                             at::ScalarType dtype) {
-  if (!config.activation_offloading || !config.gradient_checkpointing || !device.is_cuda()) return;
-  const int64_t L = static_cast<int64_t>(model.layers.size());
-  const int64_t layers = config.gradient_checkpointing_layers < 0 ? L : std::min<int64_t>(L, config.gradient_checkpointing_layers);
+bool plan_recompute_storage(const TrainConfig& config, int64_t num_layers, int64_t hidden, at::ScalarType dtype,
+                            bool cuda, const HostMemory& host, int local_ranks) {
+  const AutoBool split = config.gradient_checkpointing_split_layers;
+  if (!config.gradient_checkpointing) return false;
+  if (!config.activation_offloading || !cuda) return split == AutoBool::on;
+  const int64_t layers = config.gradient_checkpointing_layers < 0 ? num_layers
+                                                                  : std::min<int64_t>(num_layers, config.gradient_checkpointing_layers);
   const int64_t tokens = int64_t{config.micro_batch_size} * config.sequence_len;
-  const int64_t hidden = model.config.hidden_size;
   const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
-  const auto env = read_dist_env();
-  check_host_memory_fits(offload_pinned_bytes(layers, tokens, hidden, elem), env ? env->local_world_size : 1,
-                         host_memory_available(), "activation_offloading",
-                         cat(layers, " layers x ", tokens, " tokens x ", hidden, " x ", elem, " bytes"));
+  bool on = split != AutoBool::off;
+  if (split == AutoBool::auto_ && !host_memory_fits(offload_pinned_bytes(2 * layers, tokens, hidden, elem), local_ranks, host)) {
+    on = false;
+    log_info("gradient_checkpointing_split_layers (auto): off, host memory holds the offloaded layer inputs but not "
+             "their mid residuals too");
+  }
+  const int64_t kept = (on ? 2 : 1) * layers;
+  check_host_memory_fits(offload_pinned_bytes(kept, tokens, hidden, elem), local_ranks, host, "activation_offloading",
+                         cat(layers, " layer inputs", on ? cat(" + ", layers, " mid residuals") : std::string(), " x ",
+                             tokens, " tokens x ", hidden, " x ", elem, " bytes"));
+  return on;
 }
-
-}  // namespace
 
 void offload_frozen_tables(LlamaWeights& m, const TrainConfig& config, const at::Device& device) {
   if (!device.is_cuda()) return;
@@ -280,7 +281,12 @@ Trainer build_trainer(const TrainConfig& config, const TrainerOptions& options, 
                " on ", t.device.str(), " (", fixed(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1),
                " s)"));
 
-  check_offload_fits_host(config, t.model, t.device, t.compute_dtype);
+  {
+    const auto env = read_dist_env();
+    t.split_layers = plan_recompute_storage(config, static_cast<int64_t>(t.model.layers.size()), t.model.config.hidden_size,
+                                            t.compute_dtype, t.device.is_cuda(), host_memory_available(),
+                                            env ? env->local_world_size : 1);
+  }
   offload_frozen_tables(t.model, config, t.device);
   if (config.lm_head_offloading && t.device.is_cuda() && t.model.lm_head.is_cpu())
     t.lm_head_offload = std::make_shared<OffloadedWeight>(t.model.lm_head, t.device);

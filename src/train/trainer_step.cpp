@@ -109,8 +109,7 @@ std::string out_of_memory_message(const Trainer& t, const std::string& what) {
     if (c.micro_batch_size > 1) fixes.push_back(cat("micro_batch_size (", c.micro_batch_size, ")"));
     fixes.push_back(cat("sequence_len (", c.sequence_len, ")"));
     if (c.gradient_checkpointing && !c.activation_offloading) fixes.push_back("activation_offloading: true");
-    if (c.gradient_checkpointing && c.gradient_checkpointing_split_layers && !c.activation_offloading)
-      fixes.push_back("gradient_checkpointing_split_layers: false");
+    if (t.split_layers && !c.activation_offloading) fixes.push_back("gradient_checkpointing_split_layers: false");
     if (t.device.is_cuda() && !c.lm_head_offloading && t.phase == TrainPhase::backward)
       fixes.push_back("lm_head_offloading: true");
     if (c.mlp_tile_tokens == 0 && c.sequence_len * c.micro_batch_size >= 32768)
@@ -297,7 +296,7 @@ at::Tensor forward_backward(Trainer& t, const Batch& batch, double normalizer, d
   // and the RNG state before its MLP, so the recompute runs in two halves (see attention_block).
   const int64_t n_ckpt = t.config.gradient_checkpointing_layers;
   const size_t recomputed = n_ckpt < 0 ? L : std::min(L, static_cast<size_t>(n_ckpt));
-  const bool split = t.config.gradient_checkpointing_split_layers && !t.options.recompute_unread_outputs;
+  const bool split = t.split_layers && !t.options.recompute_unread_outputs;
   RecomputeState kept(L, split, t.config.activation_offloading, m.device);
   std::vector<at::Tensor> inputs(L), outputs(L);  // the layers with graphs
   at::Tensor h = h0;
