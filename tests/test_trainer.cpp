@@ -514,8 +514,10 @@ TEST_CASE("trainer: split recompute with every offload on CUDA equals the plain 
   write_fixture(d.path);
   qlora::TrainerOptions o;
   o.write_outputs = false;
-  const std::vector<std::string> common = {"device=cuda", "bf16=true", "adapter=qlora", "load_in_4bit=true",
-                                           "lora_dropout=0.1", "micro_batch_size=2", "val_set_size=0.2"};
+  // fp32 (deterministic attention backward) and no dropout: check_same_training runs one trainer's
+  // steps after the other's on one RNG stream (the split's dropout masks: the CPU tests above).
+  const std::vector<std::string> common = {"device=cuda", "bf16=false", "adapter=qlora", "load_in_4bit=true",
+                                           "micro_batch_size=2", "val_set_size=0.2"};
   auto on_cfg = common, off_cfg = common;
   for (const char* kv : {"activation_offloading=true", "embedding_offloading=true", "lm_head_offloading=true"})
     on_cfg.push_back(kv);
@@ -524,8 +526,7 @@ TEST_CASE("trainer: split recompute with every offload on CUDA equals the plain 
   CHECK(on.model.embed_tokens.is_pinned());  // gathered on the GPU through unified addressing
   REQUIRE(on.split_layers);                  // auto: on with activation offloading
   REQUIRE_FALSE(off.split_layers);
-  at::manual_seed(123);
-  check_same_training(on, off);  // bf16 with the fused kernels: the split's gradients join as in one layer
+  check_same_training(on, off);  // with the fused norms: the split's gradients join as in one layer
 }
 
 TEST_CASE("trainer: resume from step 10 equals the uninterrupted run bitwise (fp32 CPU)", "[train]") {
